@@ -1,0 +1,150 @@
+"""Compile one ONNX graph into a serialized TensorRT engine: strongly typed, one static profile."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from turbo_trt.errors import EngineBuildError
+from turbo_trt.flavors import Flavor
+from turbo_trt.progress import Progress
+
+if TYPE_CHECKING:
+    # The flavor's module is chosen at run time; for the type check, the common API is TensorRT's own
+    # (typed by `tensorrt-stubs`). tensorrt_rtx has the same classes.
+    import tensorrt as trt_api
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Build settings that change an engine (all are part of its fingerprint)."""
+
+    optimization_level: int = 3
+    workspace_gib: float | None = None  # None: TensorRT's default (the GPU's memory)
+    targets: tuple[str, ...] = field(default_factory=tuple)  # RTX compute capabilities; () = flavor default
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,
+                "targets": list(self.targets)}
+
+
+def _make_progress_monitor(flavor: Flavor, progress: Progress, label: str) -> Any:
+    base = flavor.trt.IProgressMonitor
+
+    class _Monitor(base):  # type: ignore[misc, valid-type]
+        """Shows the top-level phase's steps as a bar; nested phases name the current activity."""
+
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.totals: dict[str, int] = {}
+            self.done: dict[str, int] = {}
+            self.root: str | None = None
+            self.current = ""
+
+        def phase_start(self, parent_phase: str | None, phase_name: str, num_steps: int) -> None:
+            self.totals[phase_name] = num_steps
+            self.done[phase_name] = 0
+            if parent_phase is None and self.root is None:
+                self.root = phase_name
+            self.current = phase_name
+            self._draw()
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            self.done[phase_name] = step + 1
+            self._draw()
+            return True
+
+        def phase_finish(self, phase_name: str) -> None:
+            if phase_name == self.root:
+                self.done[phase_name] = self.totals.get(phase_name, 0)
+            self._draw()
+
+        def _draw(self) -> None:
+            root = self.root or self.current
+            progress.bar(label, self.done.get(root, 0), self.totals.get(root, 0), self.current)
+
+    return _Monitor()
+
+
+class _Logger:
+    """Collects TensorRT's errors so a failed build can say what went wrong."""
+
+    def __init__(self, flavor: Flavor) -> None:
+        trt = flavor.trt
+        base = trt.ILogger
+
+        errors: list[str] = []
+
+        class _L(base):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                base.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                    errors.append(msg)
+
+        self.errors = errors
+        self.logger = _L()
+
+
+def build_engine(
+    flavor: Flavor,
+    onnx_path: Path,
+    options: EngineOptions,
+    progress: Progress,
+    timing_cache: Path | None = None,
+    label: str = "engine",
+) -> tuple[bytes, float]:
+    """Parse `onnx_path`, build a serialized engine, return (engine bytes, seconds).
+
+    With a timing cache path (tensorrt flavor), the cache is loaded if present and the updated cache
+    written back atomically after the build.
+    """
+    trt = flavor.trt
+    log = _Logger(flavor)
+    start = time.perf_counter()
+    builder: trt_api.Builder = trt.Builder(log.logger)
+    network: trt_api.INetworkDefinition = builder.create_network(flavor.network_flags())
+    parser: trt_api.OnnxParser = trt.OnnxParser(network, log.logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        details = "; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors)) or "; ".join(log.errors)
+        raise EngineBuildError(f"{flavor.name} could not parse {onnx_path.name}: {details}")
+
+    config: trt_api.IBuilderConfig = builder.create_builder_config()
+    config.builder_optimization_level = options.optimization_level
+    if options.workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    if flavor.ahead_of_time and options.targets:
+        rtx_config: Any = config  # compute capabilities exist in TensorRT-RTX's API only
+        rtx_config.num_compute_capabilities = len(options.targets)
+        for index, target in enumerate(options.targets):
+            rtx_config.set_compute_capability(flavor.compute_capability_enum(target), index)
+
+    profile: trt_api.IOptimizationProfile = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        tensor: trt_api.ITensor = network.get_input(index)
+        dims = tensor.shape
+        if any(dims[i] < 0 for i in range(len(dims))):
+            raise EngineBuildError(f"{onnx_path.name}: input {tensor.name} has a dynamic shape {dims}; "
+                                   "bundles are static-shape")
+        profile.set_shape(tensor.name, dims, dims, dims)
+    config.add_optimization_profile(profile)
+    config.progress_monitor = _make_progress_monitor(flavor, progress, label)
+
+    cache: trt_api.ITimingCache | None = None
+    if timing_cache is not None and flavor.uses_timing_cache:
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=True)
+
+    serialized: trt_api.IHostMemory | None = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"{flavor.name} failed to build {onnx_path.name}: "
+                               + ("; ".join(log.errors) or "no error message"))
+    if cache is not None and timing_cache is not None:
+        from turbo_trt.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
+    return bytes(serialized), time.perf_counter() - start

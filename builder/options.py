@@ -1,0 +1,29 @@
+"""Build options: the one source of defaults (the CLI reads its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import EngineOptions
+from .validate import DEFAULT_MIN_COSINE
+
+DEFAULT_ENGINES_ROOT = Path("engines")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    revision: str | None = None
+    random_weights: bool = False
+    out: Path | None = None  # bundle directory; default engines/<slug>
+    batch: int = 1
+    height: int = 512
+    width: int = 512
+    flavor: str | None = None  # None: the first installed of tensorrt, tensorrt-rtx
+    onnx_only: bool = False
+    force: bool = False
+    img2img: bool = True  # also build the VAE encoder
+    min_cosine: float = DEFAULT_MIN_COSINE
+    validation_seed: int = 0
+    engine: EngineOptions = field(default_factory=EngineOptions)

@@ -1,0 +1,147 @@
+"""The torch modules that get exported: each wraps a diffusers/transformers part together with the cheap
+math around it, so that everything between token ids and uint8 pixels runs inside the engines.
+
+Each wrapper takes its inputs in the dtypes the bundle declares (see specs.py), casts to the dtype of the
+wrapped network, and returns outputs in the declared dtypes. The same wrapper, around an FP32 network,
+is the reference the exported FP16 graph is validated against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class TextEncoderGraph(nn.Module):
+    """int32 token ids -> the hidden states the pipeline feeds the UNet (and, for SDXL's second encoder,
+    the projected pooled embedding).
+
+    `hidden_layer`: "last" (SD: `last_hidden_state`, after the final layer norm) or "penultimate" (SDXL:
+    `hidden_states[-2]`, as `StableDiffusionXLPipeline.encode_prompt` with clip_skip=None).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_layer: str, pooled: bool) -> None:
+        super().__init__()
+        if hidden_layer not in ("last", "penultimate"):
+            raise ValueError(hidden_layer)
+        self.encoder = encoder
+        self.penultimate = hidden_layer == "penultimate"
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.encoder(input_ids.to(torch.int64), output_hidden_states=self.penultimate, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        hidden = hidden.to(torch.float16)
+        if self.pooled:
+            return hidden, out.text_embeds.to(torch.float16)
+        return hidden
+
+
+class UNetStepGraph(nn.Module):
+    """One denoising step: UNet plus the Euler / Euler-ancestral update, in FP32 around the FP16 UNet.
+
+    `step_coeffs` = (c_in, a, b, c): the UNet sees `c_in * latents` and the output is
+    `a * latents + b * model_output + c * step_noise`. The runner derives the four numbers on the host from
+    the manifest's sigma tables; they also absorb the initial-noise scale and both prediction types.
+    SDXL: the two encoders' hidden states are concatenated here and add_time_ids are constants of the
+    static shape (orig size = target size = (height, width), crop (0, 0)), as the pipeline builds them.
+    """
+
+    def __init__(self, unet: nn.Module, add_time_ids: tuple[float, ...] | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = add_time_ids is not None
+        if add_time_ids is not None:
+            self.register_buffer("add_time_ids", torch.tensor([add_time_ids], dtype=torch.float32), persistent=False)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        step_coeffs: torch.Tensor,
+        step_noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_2: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dtype = _dtype_of(self.unet)
+        c_in, a, b, c = step_coeffs[0], step_coeffs[1], step_coeffs[2], step_coeffs[3]
+        model_in = (latents * c_in).to(dtype)
+        added: dict[str, torch.Tensor] | None = None
+        context = prompt_embeds
+        if self.sdxl:
+            assert prompt_embeds_2 is not None and text_embeds is not None
+            context = torch.cat([prompt_embeds, prompt_embeds_2], dim=-1)
+            batch = latents.shape[0]
+            added = {
+                "text_embeds": text_embeds.to(dtype),
+                "time_ids": self.add_time_ids.to(dtype).expand(batch, -1),
+            }
+        out = self.unet(model_in, timestep, encoder_hidden_states=context.to(dtype),
+                        added_cond_kwargs=added, return_dict=False)[0]
+        return a * latents + b * out.to(torch.float32) + c * step_noise
+
+
+class VaeDecodeGraph(nn.Module):
+    """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
+    `decode(latents / scaling_factor [+ shift])`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded
+    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+        shift = getattr(vae.config, "shift_factor", None)
+        self.shift = float(shift) if shift is not None else 0.0
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling + self.shift
+        image = self.vae.decode(z.to(_dtype_of(self.vae)), return_dict=False)[0].to(torch.float32)
+        image = (image / 2 + 0.5).clamp(0, 1) * 255
+        return image.permute(0, 2, 3, 1).round().to(torch.uint8)
+
+
+class VaeEncodeGraph(nn.Module):
+    """uint8 NHWC RGB + noise -> the img2img pipeline's noised starting latents:
+    `scaling * (mean + std * sample_noise) + noise_sigma * latent_noise`, where the first noise is the
+    posterior sample's (`latent_dist.sample`) and the second the scheduler's `add_noise` at the first
+    img2img timestep (noise_sigma = that step's sigma)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+        shift = getattr(vae.config, "shift_factor", None)
+        self.shift = float(shift) if shift is not None else 0.0
+
+    def forward(
+        self, image: torch.Tensor, sample_noise: torch.Tensor, latent_noise: torch.Tensor, noise_sigma: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = _dtype_of(self.vae)
+        pixels = (image.to(torch.float32).permute(0, 3, 1, 2) / 255.0) * 2.0 - 1.0
+        dist = self.vae.encode(pixels.to(dtype), return_dict=False)[0]
+        sample = dist.mean + dist.std * sample_noise.to(dtype)
+        init = ((sample.to(torch.float32) - self.shift) * self.scaling)
+        return init + noise_sigma * latent_noise
+
+
+def build_wrapper(component: str, pipe: Any, family: str, height: int, width: int) -> nn.Module:
+    """The exportable module for a component of `pipe` (dispatch on the spec's `wrapper` name)."""
+    if component == "text_encoder":
+        return TextEncoderGraph(pipe.text_encoder, "penultimate" if family == "sdxl" else "last", pooled=False)
+    if component == "text_encoder_2":
+        return TextEncoderGraph(pipe.text_encoder_2, "penultimate", pooled=True)
+    if component == "unet":
+        time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
+        return UNetStepGraph(pipe.unet, time_ids if family == "sdxl" else None)
+    if component == "vae_decoder":
+        return VaeDecodeGraph(pipe.vae)
+    if component == "vae_encoder":
+        return VaeEncodeGraph(pipe.vae)
+    raise KeyError(component)
