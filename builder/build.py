@@ -86,11 +86,11 @@ def check_model_shapes(opts: BuildOptions, configs: dict[str, dict[str, Any]]) -
 
 
 def onnx_fingerprint(spec: ComponentSpec, opts: BuildOptions, parts: dict[str, str]) -> str:
-    import torch
+    from importlib.metadata import version
 
     return sha256_json({
         "spec": spec.name, "spec_version": SPEC_VERSION, "parts": {p: parts[p] for p in spec.parts},
-        "batch": opts.batch, "height": opts.height, "width": opts.width, "torch": torch.__version__,
+        "batch": opts.batch, "height": opts.height, "width": opts.width, "torch": version("torch"),
     })
 
 
@@ -228,7 +228,7 @@ def _manifest_head(
             "latent_channels": dims.values["C"], "latent_height": dims.values["h"],
             "latent_width": dims.values["w"], "vae_scale_factor": opts.height // dims.values["h"],
         },
-        "scheduler": scheduler_tables_from_config(configs["scheduler"]),
+        "scheduler": _scheduler(configs, parts, old),
         "vae": {
             "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),
             "force_upcast": bool(vae.get("force_upcast", False)),
@@ -240,6 +240,14 @@ def _manifest_head(
             "validation_seed": opts.validation_seed, **opts.engine.as_dict(),
         },
     }
+
+
+def _scheduler(configs: dict[str, dict[str, Any]], parts: dict[str, str], old: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler tables, recomputed only when the scheduler's config changed."""
+    previous = old.get("scheduler", {})
+    if previous.get("fingerprint") == parts["scheduler"] and previous.get("tables"):
+        return previous
+    return {**scheduler_tables_from_config(configs["scheduler"]), "fingerprint": parts["scheduler"]}
 
 
 def _target_info(flavor: Flavor, opts: BuildOptions) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 from turbo_trt.fsutil import sha256_file
 from turbo_trt.progress import Progress
 
-from .export import example_inputs, export_onnx
+from .export import example_inputs, staged_export
 from .options import BuildOptions
 from .specs import ComponentSpec, Dims
 from .validate import run_onnx, torch_reference, validate_outputs
@@ -65,10 +65,10 @@ def export_and_validate(
             module.to(torch.float16 if precision == "fp16" else torch.float32)
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
             progress.info(f"{spec.name}: exporting {precision.upper()} ONNX ...")
-            facts = export_onnx(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx")
-            progress.info(f"{spec.name}: validating with ONNX Runtime ...")
-            candidate = run_onnx(bundle / facts["onnx_files"][0], feeds)
-            validation = validate_outputs(spec.name, reference, candidate, opts.min_cosine)
+            with staged_export(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx") as facts:
+                progress.info(f"{spec.name}: validating with ONNX Runtime ...")
+                candidate = run_onnx(facts["staged"], feeds)
+                validation = validate_outputs(spec.name, reference, candidate, opts.min_cosine)
             cosines = ", ".join(f"{k} {v['cosine']:.7f}" for k, v in validation["outputs"].items())
             progress.info(f"{spec.name}: exported in {facts['export_seconds']:.1f} s; cosine vs FP32: {cosines}")
             inputs, outputs = io_records(spec, family, dims)

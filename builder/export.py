@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,44 +70,50 @@ def weight_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_onnx(
+@contextlib.contextmanager
+def staged_export(
     module: Any, spec: ComponentSpec, family: str, feeds: dict[str, np.ndarray], dest: Path
-) -> dict[str, Any]:
-    """Export `module` to `dest` (+ `dest.data` when large), written atomically. Returns facts to record."""
+) -> Iterator[dict[str, Any]]:
+    """Export `module` into a staging folder beside `dest` and yield facts incl. the staged graph path.
+
+    The files move to their final names (data files first, the graph last) only when the `with` body
+    (validation) succeeds; on any error the staging folder is removed and nothing is left under `dest`.
+    """
     import torch
 
     inputs, outputs = spec.io(family)
     external = weight_bytes(module) > EXTERNAL_DATA_BYTES
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=dest.parent))
-    start = time.perf_counter()
     try:
-        log = io.StringIO()
-        with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(log):
-            program = torch.onnx.export(
-                module.eval(), to_torch(feeds),
-                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
-                dynamo=True, optimize=True, external_data=external, verbose=False,
-            )
-            if program is None:
-                raise ExportError(f"torch.onnx.export returned nothing for {spec.name}")
-            staged = staging / dest.name
-            program.save(str(staged), external_data=external)
+        start = time.perf_counter()
+        staged = staging / dest.name
+        try:
+            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(
+                    module.eval(), to_torch(feeds),
+                    input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                    dynamo=True, optimize=True, external_data=external, verbose=False,
+                )
+                if program is None:
+                    raise ExportError(f"torch.onnx.export returned nothing for {spec.name}")
+                program.save(str(staged), external_data=external)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"exporting {spec.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
         _check_io(staged, inputs, outputs, spec.name)
-        files = sorted(staging.iterdir(), key=lambda p: p.name != dest.name)  # data files before the graph
-        for path in reversed(files):
+        data_files = sorted(p for p in staging.iterdir() if p.name != dest.name)
+        yield {
+            "staged": staged,
+            "export_seconds": round(time.perf_counter() - start, 2),
+            "onnx_files": [f"onnx/{dest.name}"] + [f"onnx/{p.name}" for p in data_files],
+            "external_data": external,
+        }
+        for path in data_files + [staged]:
             os.replace(path, dest.parent / path.name)
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"exporting {spec.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "export_seconds": round(time.perf_counter() - start, 2),
-        "onnx_files": [f"onnx/{p.name}" for p in files],
-        "external_data": external,
-    }
 
 
 def _check_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], name: str) -> None:

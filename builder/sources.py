@@ -35,6 +35,9 @@ OFFLINE_HINT = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_EXT = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".pb", ".h5")
 _SHARD = r"(-\d{5}-of-\d{5})?"
+# A part folder counts as present when it holds one of these (default: config.json).
+_PART_FILES = {"tokenizer": ("tokenizer_config.json", "tokenizer.json", "vocab.json"),
+               "scheduler": ("scheduler_config.json",)}
 
 
 def parts_for(family: str) -> tuple[str, ...]:
@@ -121,10 +124,8 @@ def inspect_pipeline_dir(path: Path) -> str:
     xl = "text_encoder_2" in present or "XL" in str(index.get("_class_name")) or (
         unet.get("addition_embed_type") == "text_time")
     family = "sdxl" if xl else "sd"
-    config_names = {"tokenizer": "tokenizer_config.json", "tokenizer_2": "tokenizer_config.json",
-                    "scheduler": "scheduler_config.json"}
-    missing = [p for p in parts_for(family)
-               if p not in present or not (path / p / config_names.get(p, "config.json")).is_file()]
+    missing = [p for p in parts_for(family) if p not in present or not any(
+        (path / p / f).is_file() for f in _PART_FILES.get(p.removesuffix("_2"), ("config.json",)))]
     if missing:
         raise SourceError(
             f"{path} ({index.get('_class_name')}) is not an SD/SDXL-like pipeline: missing "
@@ -148,10 +149,10 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path | None) -> tup
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
         raise SourceError(f"hub repo {repo_id!r} (revision {revision or 'main'}) not found or not accessible: "
                           f"{type(exc).__name__}. {OFFLINE_HINT}") from exc
-    except Exception as exc:  # offline, no network, hub down: try the local cache before giving up
+    except Exception as exc:  # noqa: BLE001  offline, no network, hub down: try the cache before giving up
         try:
             path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        except Exception:
+        except Exception:  # noqa: BLE001  not cached (or a broken cache): say what works offline
             raise SourceError(f"could not download {repo_id!r} from the Hugging Face Hub and it is not in the "
                               f"local cache ({type(exc).__name__}: {exc}). {OFFLINE_HINT}") from exc
     snapshot = Path(path)

@@ -8,11 +8,10 @@ Bump SPEC_VERSION whenever a wrapper's math or a spec changes: it is part of eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 TOKENS = 77
 
 
@@ -96,7 +95,9 @@ VAE_DECODER = ComponentSpec(
     name="vae_decoder",
     parts=("vae",),
     inputs=(TensorSpec("latents", LATENTS, "float32"),),
-    outputs=(TensorSpec("image", ("B", "H", "W", "3"), "uint8"),),
+    # nonfinite: how many decoded values were NaN/inf before the uint8 cast (which would turn them into a
+    # silent black image); the runner raises when it is not 0.
+    outputs=(TensorSpec("image", ("B", "H", "W", "3"), "uint8"), TensorSpec("nonfinite", ("1",), "int32")),
     wrapper="vae_decoder",
     fp32_if_force_upcast=True,
 )
@@ -150,5 +151,3 @@ def dims_from_configs(
         values["P"] = int(configs["text_encoder_2"].get("projection_dim", values["D2"]))
     return Dims(values)
 
-
-WrapperFactory = Callable[..., Any]

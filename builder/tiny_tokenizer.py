@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 BOS_TOKEN = "<|startoftext|>"
@@ -35,7 +36,7 @@ _CLIP_SPLIT_PATTERN = (
 
 # Prompt-like English text the merges are learned from. Changing it changes the vocabulary: bump
 # TOKENIZER_VERSION when you do.
-_CORPUS = """
+_CORPUS_TEXT = """
 a photo of a cat . a photo of a dog . an astronaut riding a horse on mars . a painting of a fox
 sitting in a field at sunrise . a cinematic shot of a baby racoon wearing an intricate italian
 priest robe . a close up portrait of an old man with a beard , studio lighting , highly detailed .
@@ -57,7 +58,7 @@ tall grass , national geographic . a colorful hot air balloon floating above the
 steampunk airship with brass gears . an owl perched on a branch in the moonlight . the face of a
 smiling child , canon camera , bokeh . a train crossing a bridge over a canyon . a bright kitchen
 with white cabinets and plants . a monkey eating a banana in a tree . a horse running on the beach
-""".split()
+"""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -78,7 +79,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE on the embedded corpus; ties broken by the pair's text, so the result is fixed."""
     byte_map = _bytes_to_unicode()
-    word_counts = Counter(w.lower() for w in _CORPUS)
+    word_counts = Counter(w.lower() for w in _CORPUS_TEXT.split())
     words: dict[tuple[str, ...], int] = {}
     for word, count in sorted(word_counts.items()):
         chars = [byte_map[b] for b in word.encode("utf-8")]
@@ -88,7 +89,7 @@ def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
     while len(merges) < num_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break

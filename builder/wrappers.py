@@ -79,8 +79,11 @@ class UNetStepGraph(nn.Module):
             assert prompt_embeds_2 is not None and text_embeds is not None
             context = torch.cat([prompt_embeds, prompt_embeds_2], dim=-1)
             batch = latents.shape[0]
+            # FP32 on purpose: the UNet concatenates text_embeds with its FP32 time-id embedding; eager torch
+            # promotes that concat to FP32, but the dynamo exporter emits a mixed FP16/FP32 Concat that ONNX
+            # Runtime rejects. Upcasting FP16 values is exact, so the math is unchanged.
             added = {
-                "text_embeds": text_embeds.to(dtype),
+                "text_embeds": text_embeds.to(torch.float32),
                 "time_ids": self.add_time_ids.to(dtype).expand(batch, -1),
             }
         out = self.unet(model_in, timestep, encoder_hidden_states=context.to(dtype),
@@ -91,7 +94,8 @@ class UNetStepGraph(nn.Module):
 class VaeDecodeGraph(nn.Module):
     """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
     `decode(latents / scaling_factor [+ shift])`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded
-    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose."""
+    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose. A second
+    output counts the non-finite decoded values, so NaN/inf can be reported instead of cast to black."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
@@ -100,11 +104,12 @@ class VaeDecodeGraph(nn.Module):
         shift = getattr(vae.config, "shift_factor", None)
         self.shift = float(shift) if shift is not None else 0.0
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = latents / self.scaling + self.shift
-        image = self.vae.decode(z.to(_dtype_of(self.vae)), return_dict=False)[0].to(torch.float32)
-        image = (image / 2 + 0.5).clamp(0, 1) * 255
-        return image.permute(0, 2, 3, 1).round().to(torch.uint8)
+        decoded = self.vae.decode(z.to(_dtype_of(self.vae)), return_dict=False)[0].to(torch.float32)
+        nonfinite = torch.logical_not(torch.isfinite(decoded)).sum(dtype=torch.int32).reshape(1)
+        image = (decoded / 2 + 0.5).clamp(0, 1) * 255
+        return image.permute(0, 2, 3, 1).round().to(torch.uint8), nonfinite
 
 
 class VaeEncodeGraph(nn.Module):

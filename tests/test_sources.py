@@ -20,14 +20,15 @@ pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from turbo_trt.builder import sources  # noqa: E402
-from turbo_trt.builder.presets import build_part, preset_spec, shipped_spec  # noqa: E402
-from turbo_trt.builder.tiny_tokenizer import (  # noqa: E402
+from turbo_trt.builder import sources
+from turbo_trt.builder.presets import build_part, preset_spec, shipped_spec
+from turbo_trt.builder.tiny_tokenizer import (
     EOS_TOKEN,
     tiny_vocab_size,
     write_tiny_clip_tokenizer,
 )
-from turbo_trt.errors import SourceError  # noqa: E402
+
+from turbo_trt.errors import SourceError
 
 PROMPTS = [
     "a photo of a cat",
@@ -173,7 +174,7 @@ def test_local_fingerprints_follow_the_changed_part_only(tmp_path: Path, preset_
 
     weights = work / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key] = tensors[key] + 1e-3
     save_file(tensors, weights)
     after = src.part_fingerprints()
@@ -240,6 +241,7 @@ def test_random_weights_configs_match_model_facts(model_id: str) -> None:
         model = build_part(spec, part, device="meta")
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - expected) / expected < 0.02, (part, count)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # despite configs saying float16
     configs = sources.part_configs(src)
     assert configs["scheduler"]["timestep_spacing"] == "trailing"
     if src.family == "sdxl":

@@ -1,0 +1,123 @@
+"""Open a bundle and check it before anything is deserialized: manifest schema, components present,
+every file's sha256, and (for engines) flavor, version and GPU compute capability."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from turbo_trt.errors import BundleError, FlavorError
+from turbo_trt.fsutil import sha256_file
+from turbo_trt.manifest import read_manifest
+
+REQUIRED = {"sd": ("text_encoder", "unet", "vae_decoder"),
+            "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
+ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest["model"]["family"])
+
+    @property
+    def shapes(self) -> dict[str, int]:
+        return dict(self.manifest["shapes"])
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return ENCODERS[self.family]
+
+    @property
+    def img2img(self) -> bool:
+        return "vae_encoder" in self.manifest["components"]
+
+    def component(self, name: str) -> dict[str, Any]:
+        return dict(self.manifest["components"][name])
+
+    def components(self) -> list[str]:
+        return list(self.manifest["components"])
+
+
+def open_bundle(path: Path | str, files: str = "onnx", verify: bool = True) -> Bundle:
+    """Read the manifest and check the files an executor will load (`files`: "onnx" or "engine").
+
+    With verify=True every such file's sha256 is compared with the manifest, so a truncated, replaced or
+    bit-flipped file is reported by name before it reaches ONNX Runtime or TensorRT.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a directory; build one with `turbo-trt build --model ...`")
+    manifest = read_manifest(root)
+    family = manifest["model"].get("family")
+    if family not in REQUIRED:
+        raise BundleError(f"{root}: unknown model family {family!r} in the manifest")
+    components = manifest["components"]
+    missing = [name for name in REQUIRED[family] if name not in components]
+    if missing:
+        raise BundleError(f"{root}: the bundle lacks {', '.join(missing)}; finish it with `turbo-trt build`")
+    for encoder in ENCODERS[family]:
+        info = manifest["tokenizers"].get(encoder)
+        if not info or not (root / info["file"]).is_file():
+            raise BundleError(f"{root}: tokenizer file for {encoder} is missing")
+    key_files, key_hashes = ("onnx_files", "onnx_file_sha256") if files == "onnx" else ("engine_files", "engine_file_sha256")
+    for name, entry in components.items():
+        names, hashes = entry.get(key_files), entry.get(key_hashes)
+        if not names:
+            what = "engine" if files == "engine" else "ONNX graph"
+            raise BundleError(f"{root}: {name} has no {what} in the manifest"
+                              + ("; build engines with `turbo-trt build` (without --onnx-only)" if files == "engine" else ""))
+        for rel, digest in zip(names, hashes):
+            file = root / rel
+            if not file.is_file():
+                raise BundleError(f"{root}: {rel} is missing (component {name})")
+            if verify:
+                actual = sha256_file(file)
+                if actual != digest:
+                    raise BundleError(
+                        f"{root}: {rel} does not match the manifest (sha256 {actual[:12]}... != {digest[:12]}...): "
+                        "the file is corrupted or was replaced; rebuild with `turbo-trt build`"
+                    )
+    return Bundle(root, manifest)
+
+
+def check_engine_compatibility(bundle: Bundle, flavor_name: str, flavor_version: str, gpu: dict[str, Any] | None) -> None:
+    """Raise FlavorError saying exactly what differs between the build and this machine."""
+    engine = bundle.manifest.get("engine") or {}
+    built_flavor, built_version = engine.get("flavor"), engine.get("version")
+    if built_flavor != flavor_name:
+        raise FlavorError(f"{bundle.path}: engines were built with {built_flavor}, but {flavor_name} is loaded; "
+                          f"install {built_flavor} or rebuild with --flavor {flavor_name}")
+    if built_version != flavor_version:
+        raise FlavorError(f"{bundle.path}: engines were built with {built_flavor} {built_version}, but "
+                          f"{flavor_version} is installed; TensorRT engines only load in the version that built "
+                          "them: rebuild the bundle")
+    if gpu is None:
+        raise FlavorError("no NVIDIA GPU is available to run TensorRT engines; use --executor onnxruntime")
+    have = str(gpu["compute_capability"])
+    targets = [str(t) for t in engine.get("targets", [])]
+    build_gpu = engine.get("build_gpu") or {}
+    if "current" in targets:
+        targets = [t for t in targets if t != "current"] + ([str(build_gpu["compute_capability"])] if build_gpu else [])
+    if have not in targets:
+        where = f"built for compute capability {', '.join(targets) or 'unknown'}"
+        if build_gpu:
+            where += f" on {build_gpu.get('name')}"
+        raise FlavorError(f"{bundle.path}: engines were {where}; this GPU ({gpu.get('name')}) is {have}: "
+                          "rebuild on this GPU" + (" or with --targets " + have if flavor_name == "tensorrt-rtx" else ""))
+
+
+#: Which encoder output feeds which UNet input, per family (the data both executors wire up).
+EMBEDDING_FEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "sd": (("text_encoder", "prompt_embeds", "prompt_embeds"),),
+    "sdxl": (
+        ("text_encoder", "prompt_embeds", "prompt_embeds"),
+        ("text_encoder_2", "prompt_embeds", "prompt_embeds_2"),
+        ("text_encoder_2", "text_embeds", "text_embeds"),
+    ),
+}

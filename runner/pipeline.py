@@ -1,0 +1,145 @@
+"""The run stage's public API, shaped like diffusers:
+
+    pipe = TurboPipeline.from_bundle("engines/sd-turbo")
+    image = pipe("a cat", num_inference_steps=1, seed=0)[0]
+
+Pipeline logic lives here once (tokenize, noise, scheduler coefficients, img2img rules, output checks);
+executors only run graphs. No torch, diffusers or transformers is imported by this package.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from turbo_trt.errors import InputError, TurboTrtError
+
+from .bundle import Bundle, open_bundle
+from .executors.base import Executor
+from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
+from .schedule import Plan, img2img_plan, txt2img_plan
+from .tokenizer import PromptTokenizer
+
+EXECUTORS = ("auto", "tensorrt", "onnxruntime")
+
+
+class NonFiniteOutputError(TurboTrtError):
+    """The decoder saw NaN/inf: the image would have been black. Usually an FP16 overflow."""
+
+
+class TurboPipeline:
+    """Text-to-image (and image-to-image) on a bundle. One execution state per pipeline; calls from
+    several threads are serialized by a lock (use `fork()` for one pipeline per thread sharing weights)."""
+
+    def __init__(self, bundle: Bundle, executor: Executor) -> None:
+        self.bundle = bundle
+        self.executor = executor
+        manifest = bundle.manifest
+        self.scheduler = manifest["scheduler"]
+        self.shapes = bundle.shapes
+        self.tokenizers = {
+            encoder: PromptTokenizer(bundle.path / manifest["tokenizers"][encoder]["file"],
+                                     manifest["tokenizers"][encoder])
+            for encoder in bundle.encoders
+        }
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+
+    @classmethod
+    def from_bundle(cls, path: Path | str, executor: str = "auto", cache_size: int = 8,
+                    verify: bool = True) -> TurboPipeline:
+        """Open and check a bundle, then load it with the chosen executor ("auto": TensorRT when a GPU
+        and the bundle's flavor are available, else ONNX Runtime on the CPU)."""
+        if executor not in EXECUTORS:
+            raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if executor == "auto":
+            executor = _auto_executor(Path(path))
+        if executor == "tensorrt":
+            from .executors.tensorrt import TensorRTExecutor
+
+            bundle = open_bundle(path, files="engine", verify=verify)
+            return cls(bundle, TensorRTExecutor.load(bundle, cache_size=cache_size))
+        from .executors.onnxruntime import OnnxRuntimeExecutor
+
+        bundle = open_bundle(path, files="onnx", verify=verify)
+        return cls(bundle, OnnxRuntimeExecutor(bundle, cache_size=cache_size))
+
+    def fork(self) -> TurboPipeline:
+        """Another pipeline on the same weights with its own execution state (for another thread)."""
+        return TurboPipeline(self.bundle, self.executor.fork())
+
+    @property
+    def batch(self) -> int:
+        return int(self.shapes["batch"])
+
+    def plan(self, steps: int, strength: float | None) -> Plan:
+        key = (steps, strength)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = txt2img_plan(self.scheduler, steps) if strength is None else img2img_plan(self.scheduler, steps, strength)
+            self._plans[key] = plan
+        return plan
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 1,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
+        image: Any = None,
+        strength: float = 0.5,
+        output_type: str = "pil",
+    ) -> list[Any] | np.ndarray:
+        """Generate images. Returns a list of PIL images, or with output_type="np" a uint8 array
+        (n, H, W, 3), n = number of prompts. Every input is checked before any engine runs."""
+        prompts = check_prompts(prompt, self.batch)
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        seed = secrets.randbelow(2**63) if seed is None else check_seed(seed)
+        img2img = image is not None
+        if img2img and not self.bundle.img2img:
+            raise InputError(f"{self.bundle.path} has no VAE encoder (built with --no-img2img): img2img is unavailable")
+        plan = self.plan(num_inference_steps, strength if img2img else None)
+        pixels = check_image(image, self.shapes["height"], self.shapes["width"], self.batch) if img2img else None
+        shape = latent_shape(self.shapes)
+        noise_set = make_noise(seed, shape, img2img, plan.runs if self.scheduler["ancestral"] else 0, noise)
+        images = self.run_with_noise(prompts, plan, noise_set, pixels)[: len(prompts)]
+        if output_type == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(frame) for frame in images]
+
+    def run_with_noise(self, prompts: list[str], plan: Plan, noise_set: Noise, pixels: np.ndarray | None) -> np.ndarray:
+        """The step under `__call__`, with every random array given (also for reproducing another
+        implementation's draws). Inputs must already be checked. Returns uint8 (B, H, W, 3)."""
+        padded = prompts + [prompts[-1]] * (self.batch - len(prompts))
+        ids = {name: np.stack([tok.encode(p) for p in padded]) for name, tok in self.tokenizers.items()}
+        with self._lock:
+            images, nonfinite = self.executor.run(ids, plan, noise_set, pixels)
+        if nonfinite:
+            raise NonFiniteOutputError(
+                f"the VAE decoder produced {nonfinite} NaN/inf values (the image would be black); this is "
+                "usually an FP16 overflow: check the bundle's validation figures or rebuild"
+            )
+        return images
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+def _auto_executor(path: Path) -> str:
+    from turbo_trt.flavors import installed_flavors
+    from turbo_trt.gpu import current_gpu
+    from turbo_trt.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    engine = manifest.get("engine") or {}
+    have_engines = all("engine" in entry for entry in manifest["components"].values())
+    if have_engines and engine.get("flavor") in installed_flavors() and current_gpu() is not None:
+        return "tensorrt"
+    return "onnxruntime"

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny bundles built once per test session (real export, real TensorRT-RTX builds)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from turbo_trt.builder.build import BuildReport, build
+from turbo_trt.builder.options import BuildOptions
+from turbo_trt.progress import Progress
+
+#: Tiny presets at 64x64 (latents 8x8) keep each CPU build near a minute.
+TINY_SIZE = 64
+
+
+def tiny_options(model: str, out: Path, **overrides: object) -> BuildOptions:
+    fields: dict[str, object] = dict(model=model, out=out, height=TINY_SIZE, width=TINY_SIZE,
+                                     flavor="tensorrt-rtx")
+    fields.update(overrides)
+    return BuildOptions(**fields)  # type: ignore[arg-type]
+
+
+def quiet_build(opts: BuildOptions) -> BuildReport:
+    return build(opts, Progress(enabled=False))
+
+
+@pytest.fixture(scope="session")
+def sd_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildReport]:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-sd-turbo"
+    return out, quiet_build(tiny_options("tiny-sd-turbo", out))
+
+
+@pytest.fixture(scope="session")
+def sdxl_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildReport]:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-sdxl-turbo"
+    return out, quiet_build(tiny_options("tiny-sdxl-turbo", out))
+
+
+def copy_bundle(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
