@@ -17,7 +17,14 @@ from typing import Any
 from turbo_trt import __version__
 from turbo_trt.errors import UsageError
 from turbo_trt.flavors import RTX_TARGETS, Flavor, load_flavor
-from turbo_trt.fsutil import BundleLock, atomic_write_bytes, remove_stale_temporaries, sha256_file, sha256_json
+from turbo_trt.fsutil import (
+    BundleLock,
+    atomic_write_bytes,
+    peak_rss_mib,
+    remove_stale_temporaries,
+    sha256_file,
+    sha256_json,
+)
 from turbo_trt.manifest import read_manifest_or_none, write_manifest
 from turbo_trt.progress import Progress
 
@@ -176,7 +183,8 @@ def _build_locked(
         del pipe
     else:
         progress.info("ONNX graphs up to date")
-    write_manifest(bundle, manifest)
+    if manifest != old:  # an up-to-date bundle is left untouched, manifest included
+        write_manifest(bundle, manifest)
 
     if flavor is None:
         return
@@ -197,7 +205,7 @@ def _build_locked(
         entry.update({
             "engine": engine_path.name, "engine_sha256": sha256_file(engine_path),
             "engine_files": [engine_path.name], "engine_fingerprint": fingerprint,
-            "build_seconds": round(seconds, 2),
+            "build_seconds": round(seconds, 2), "peak_rss_mib_after_build": peak_rss_mib(),
         })
         entry["engine_file_sha256"] = [entry["engine_sha256"]]
         report.engines_built.append(spec.name)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from turbo_trt.fsutil import sha256_file
+from turbo_trt.fsutil import peak_rss_mib, sha256_file
 from turbo_trt.progress import Progress
 
 from .export import example_inputs, staged_export
@@ -71,14 +71,15 @@ def export_and_validate(
                 validation = validate_outputs(spec.name, reference, candidate, opts.min_cosine)
             cosines = ", ".join(f"{k} {v['cosine']:.7f}" for k, v in validation["outputs"].items())
             progress.info(f"{spec.name}: exported in {facts['export_seconds']:.1f} s; cosine vs FP32: {cosines}")
-            inputs, outputs = io_records(spec, family, dims)
+            input_records, output_records = io_records(spec, family, dims)
             onnx_files = facts["onnx_files"]
             hashes = [sha256_file(bundle / f) for f in onnx_files]
             yield spec, {
                 "onnx": onnx_files[0], "onnx_sha256": hashes[0], "onnx_files": onnx_files,
                 "onnx_file_sha256": hashes, "external_data": facts["external_data"],
-                "inputs": inputs, "outputs": outputs, "precision": precision, "validation": validation,
+                "inputs": input_records, "outputs": output_records, "precision": precision, "validation": validation,
                 "export_seconds": facts["export_seconds"],
+                "peak_rss_mib_after_export": peak_rss_mib(),
             }
         setattr(pipe, part, None)
         del module

@@ -15,7 +15,7 @@ def export_tokenizer(tokenizer: Any, target: Path) -> dict[str, Any]:
     Returns the special-token facts the runner needs to reproduce the pipeline's
     `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
     """
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # lazy attribute
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -26,11 +26,11 @@ class TextEncoderGraph(nn.Module):
     `hidden_states[-2]`, as `StableDiffusionXLPipeline.encode_prompt` with clip_skip=None).
     """
 
-    def __init__(self, encoder: nn.Module, hidden_layer: str, pooled: bool) -> None:
+    def __init__(self, encoder: Any, hidden_layer: str, pooled: bool) -> None:
         super().__init__()
         if hidden_layer not in ("last", "penultimate"):
             raise ValueError(hidden_layer)
-        self.encoder = encoder
+        self.encoder: Any = encoder
         self.penultimate = hidden_layer == "penultimate"
         self.pooled = pooled
 
@@ -53,9 +53,11 @@ class UNetStepGraph(nn.Module):
     static shape (orig size = target size = (height, width), crop (0, 0)), as the pipeline builds them.
     """
 
-    def __init__(self, unet: nn.Module, add_time_ids: tuple[float, ...] | None) -> None:
+    add_time_ids: torch.Tensor
+
+    def __init__(self, unet: Any, add_time_ids: tuple[float, ...] | None) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet: Any = unet
         self.sdxl = add_time_ids is not None
         if add_time_ids is not None:
             self.register_buffer("add_time_ids", torch.tensor([add_time_ids], dtype=torch.float32), persistent=False)
@@ -97,9 +99,9 @@ class VaeDecodeGraph(nn.Module):
     (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose. A second
     output counts the non-finite decoded values, so NaN/inf can be reported instead of cast to black."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: Any) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae: Any = vae
         self.scaling = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift = float(shift) if shift is not None else 0.0
@@ -118,9 +120,9 @@ class VaeEncodeGraph(nn.Module):
     posterior sample's (`latent_dist.sample`) and the second the scheduler's `add_noise` at the first
     img2img timestep (noise_sigma = that step's sigma)."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: Any) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae: Any = vae
         self.scaling = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift = float(shift) if shift is not None else 0.0

@@ -44,15 +44,20 @@ class Bundle:
         return list(self.manifest["components"])
 
 
+def require_bundle_dir(path: Path | str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a directory; build one with `turbo-trt build --model ...`")
+    return root
+
+
 def open_bundle(path: Path | str, files: str = "onnx", verify: bool = True) -> Bundle:
     """Read the manifest and check the files an executor will load (`files`: "onnx" or "engine").
 
     With verify=True every such file's sha256 is compared with the manifest, so a truncated, replaced or
     bit-flipped file is reported by name before it reaches ONNX Runtime or TensorRT.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root} is not a directory; build one with `turbo-trt build --model ...`")
+    root = require_bundle_dir(path)
     manifest = read_manifest(root)
     family = manifest["model"].get("family")
     if family not in REQUIRED:

@@ -18,7 +18,7 @@ import numpy as np
 
 from turbo_trt.errors import InputError, TurboTrtError
 
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, open_bundle, require_bundle_dir
 from .executors.base import Executor
 from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
 from .schedule import Plan, img2img_plan, txt2img_plan
@@ -137,7 +137,7 @@ def _auto_executor(path: Path) -> str:
     from turbo_trt.gpu import current_gpu
     from turbo_trt.manifest import read_manifest
 
-    manifest = read_manifest(path)
+    manifest = read_manifest(require_bundle_dir(path))
     engine = manifest.get("engine") or {}
     have_engines = all("engine" in entry for entry in manifest["components"].values())
     if have_engines and engine.get("flavor") in installed_flavors() and current_gpu() is not None:

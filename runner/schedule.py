@@ -103,3 +103,14 @@ def img2img_plan(scheduler: dict[str, Any], steps: int, strength: float) -> Plan
             f"use strength >= {1 / steps:g} or more steps"
         )
     return _plan(scheduler, "img2img", steps, steps - run, table)
+
+
+def all_plans(scheduler: dict[str, Any]) -> list[Plan]:
+    """Every plan a bundle can run: txt2img for 1..max_steps, img2img for each (steps, first step run).
+    Executors upload all their constants once at load, so no call allocates device memory."""
+    max_steps = int(scheduler["max_steps"])
+    plans = [txt2img_plan(scheduler, n) for n in range(1, max_steps + 1)]
+    for n in range(1, max_steps + 1):
+        table = _table(scheduler, n)
+        plans += [_plan(scheduler, "img2img", n, start, table) for start in range(n)]
+    return plans

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from turbo_trt.builder.build import BuildReport, build
 from turbo_trt.builder.options import BuildOptions
+
 from turbo_trt.progress import Progress
 
 #: Tiny presets at 64x64 (latents 8x8) keep each CPU build near a minute.
@@ -41,3 +41,17 @@ def sdxl_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildRe
 def copy_bundle(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock"))
     return dest
+
+
+def write_import_blocker(directory: Path, modules: tuple[str, ...]) -> dict[str, str]:
+    """A sitecustomize.py that makes `modules` unimportable in a child Python; returns the child's env."""
+    (directory / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {modules!r}\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError('blocked for the test: ' + name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    return {"PYTHONPATH": str(directory), "PATH": "/usr/bin:/bin"}

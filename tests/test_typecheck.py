@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ["builder/engine.py", "turbo_trt/flavors.py"]
+CHECKED = ["builder/engine.py", "turbo_trt/flavors.py", "runner/executors/tensorrt.py", "runner/cuda.py"]
 
 
 def _stubs(tmp_path: Path) -> Path:

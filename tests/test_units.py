@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from turbo_trt.builder.build import check_model_shapes, check_shape_options
 from turbo_trt.builder.engine import EngineOptions
 from turbo_trt.builder.options import BuildOptions
 from turbo_trt.builder.specs import TOKENS, dims_from_configs, specs_for
 from turbo_trt.builder.validate import compare, validate_outputs
+
 from turbo_trt.errors import BundleError, FlavorError, UsageError, ValidationError
 from turbo_trt.flavors import load_flavor
 from turbo_trt.fsutil import BundleLock, atomic_path, atomic_write_bytes
 from turbo_trt.manifest import SCHEMA_VERSION, check_manifest
+
+from .conftest import write_import_blocker
 
 SD_CONFIGS = {"unet": {"in_channels": 4, "block_out_channels": [320, 640, 1280, 1280]},
               "vae": {"block_out_channels": [128, 256, 512, 512]},
@@ -135,16 +137,8 @@ def test_rtx_flavor_is_found_and_strongly_typed():
 
 def test_import_and_help_need_no_torch(tmp_path: Path):
     """`import turbo_trt` and `turbo-trt --help` work where torch, TensorRT and diffusers cannot import."""
-    blocker = tmp_path / "sitecustomize.py"
-    blocker.write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'tensorrt', 'tensorrt_rtx', 'onnx', 'onnxruntime'):\n"
-        "            raise ImportError('blocked for the test: ' + name)\n"
-        "sys.meta_path.insert(0, _Block())\n"
-    )
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = write_import_blocker(tmp_path, ("torch", "diffusers", "transformers", "tensorrt", "tensorrt_rtx",
+                                          "onnx", "onnxruntime"))
     for args in (["-c", "import turbo_trt, turbo_trt.manifest, turbo_trt.flavors; print('ok')"],
                  ["-m", "turbo_trt.cli", "--help"], ["-m", "turbo_trt.cli", "build", "--help"]):
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)

@@ -10,6 +10,9 @@ from ..bundle import Bundle
 from ..inputs import Noise
 from ..schedule import Plan
 
+#: (stage label, seconds) in execution order: "text_encoder", "unet[0]", ..., "vae_decoder".
+Timings = list[tuple[str, float]]
+
 
 class Executor(ABC):
     """Runs text encoder(s) -> UNet steps -> VAE decoder (VAE encoder first for img2img) on one bundle.
@@ -27,6 +30,11 @@ class Executor(ABC):
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
             image: np.ndarray | None) -> tuple[np.ndarray, int]:
         """One generation; `ids` maps encoder name -> (B, 77) int32."""
+
+    @abstractmethod
+    def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
+                     image: np.ndarray | None) -> Timings:
+        """The same work as `run`, without graphs or the prompt cache, timing each stage."""
 
     @abstractmethod
     def fork(self) -> Executor:
