@@ -16,7 +16,7 @@ from typing import Any
 
 from turbo_trt import __version__
 from turbo_trt.errors import UsageError
-from turbo_trt.flavors import RTX_TARGETS, Flavor, load_flavor
+from turbo_trt.flavors import RTX_DEFAULT_TARGETS, RTX_TARGETS, Flavor, load_flavor
 from turbo_trt.fsutil import (
     BundleLock,
     atomic_write_bytes,
@@ -70,9 +70,10 @@ def check_shape_options(opts: BuildOptions) -> None:
         raise UsageError(f"--opt-level must be 0..5, got {opts.engine.optimization_level}")
     if opts.engine.workspace_gib is not None and opts.engine.workspace_gib <= 0:
         raise UsageError(f"--workspace must be positive, got {opts.engine.workspace_gib}")
-    bad = [t for t in opts.engine.targets if t not in RTX_TARGETS]
+    bad = [t for t in opts.engine.targets if t not in (*RTX_TARGETS, "current")]
     if bad:
-        raise UsageError(f"--targets: unknown compute capability {', '.join(bad)}; choose from {', '.join(RTX_TARGETS)}")
+        raise UsageError(f"--targets: unknown compute capability {', '.join(bad)}; "
+                         f"choose from {', '.join(RTX_TARGETS)} or 'current' (the local GPU)")
 
 
 def vae_scale_factor(configs: dict[str, dict[str, Any]]) -> int:
@@ -126,6 +127,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildReport:
     flavor = None if opts.onnx_only else load_flavor(opts.flavor)
     if flavor is not None and not flavor.ahead_of_time and opts.engine.targets:
         raise UsageError("--targets applies to --flavor tensorrt-rtx only (tensorrt builds for the local GPU)")
+
     bundle = opts.out or DEFAULT_ENGINES_ROOT / default_slug(opts, src)
     report = BuildReport(bundle=bundle)
     with BundleLock(bundle):
@@ -264,8 +266,10 @@ def _target_info(flavor: Flavor, opts: BuildOptions) -> dict[str, Any]:
 
     gpu = current_gpu()
     if flavor.ahead_of_time:
-        targets = list(opts.engine.targets) or (["current"] if gpu else list(RTX_TARGETS))
-        return {"targets": targets, "build_gpu": gpu}
+        if opts.engine.targets:
+            return {"targets": list(opts.engine.targets), "targets_source": "--targets", "build_gpu": gpu}
+        # No capabilities set: TensorRT-RTX's own default, a portable engine for Ampere and later.
+        return {"targets": list(RTX_DEFAULT_TARGETS), "targets_source": "tensorrt-rtx default", "build_gpu": gpu}
     return {"targets": [gpu["compute_capability"]] if gpu else [], "build_gpu": gpu}
 
 

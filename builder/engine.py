@@ -23,7 +23,8 @@ class EngineOptions:
 
     optimization_level: int = 3
     workspace_gib: float | None = None  # None: TensorRT's default (the GPU's memory)
-    targets: tuple[str, ...] = field(default_factory=tuple)  # RTX compute capabilities; () = flavor default
+    # TensorRT-RTX compute capabilities ("8.9", or "current" for the local GPU); () = the build's default
+    targets: tuple[str, ...] = field(default_factory=tuple)
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,

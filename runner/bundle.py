@@ -3,6 +3,7 @@ every file's sha256, and (for engines) flavor, version and GPU compute capabilit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,12 @@ def open_bundle(path: Path | str, files: str = "onnx", verify: bool = True) -> B
     return Bundle(root, manifest)
 
 
-def check_engine_compatibility(bundle: Bundle, flavor_name: str, flavor_version: str, gpu: dict[str, Any] | None) -> None:
-    """Raise FlavorError saying exactly what differs between the build and this machine."""
+def check_engine_compatibility(bundle: Bundle, flavor_name: str, flavor_version: str, gpu: dict[str, Any] | None,
+                               strict_targets: bool = True) -> None:
+    """Raise FlavorError saying exactly what differs between the build and this machine.
+
+    strict_targets=False turns a compute-capability mismatch into a warning (to try, say, TensorRT-RTX
+    engines on a GPU outside their documented targets); flavor and version must always match."""
     engine = bundle.manifest.get("engine") or {}
     built_flavor, built_version = engine.get("flavor"), engine.get("version")
     if built_flavor != flavor_name:
@@ -113,8 +118,11 @@ def check_engine_compatibility(bundle: Bundle, flavor_name: str, flavor_version:
         where = f"built for compute capability {', '.join(targets) or 'unknown'}"
         if build_gpu:
             where += f" on {build_gpu.get('name')}"
-        raise FlavorError(f"{bundle.path}: engines were {where}; this GPU ({gpu.get('name')}) is {have}: "
-                          "rebuild on this GPU" + (" or with --targets " + have if flavor_name == "tensorrt-rtx" else ""))
+        message = (f"{bundle.path}: engines were {where}; this GPU ({gpu.get('name')}) is {have}: "
+                   "rebuild on this GPU" + (" or with --targets " + have if flavor_name == "tensorrt-rtx" else ""))
+        if strict_targets:
+            raise FlavorError(message)
+        warnings.warn(message + " (trying anyway)", RuntimeWarning, stacklevel=3)
 
 
 #: Which encoder output feeds which UNet input, per family (the data both executors wire up).

@@ -51,9 +51,10 @@ class TurboPipeline:
 
     @classmethod
     def from_bundle(cls, path: Path | str, executor: str = "auto", cache_size: int = 8,
-                    verify: bool = True) -> TurboPipeline:
+                    verify: bool = True, strict_targets: bool = True) -> TurboPipeline:
         """Open and check a bundle, then load it with the chosen executor ("auto": TensorRT when a GPU
-        and the bundle's flavor are available, else ONNX Runtime on the CPU)."""
+        and the bundle's flavor are available, else ONNX Runtime on the CPU). strict_targets=False only
+        warns when the GPU is not among the engines' build targets."""
         if executor not in EXECUTORS:
             raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         if executor == "auto":
@@ -62,7 +63,7 @@ class TurboPipeline:
             from .executors.tensorrt import TensorRTExecutor
 
             bundle = open_bundle(path, files="engine", verify=verify)
-            return cls(bundle, TensorRTExecutor.load(bundle, cache_size=cache_size))
+            return cls(bundle, TensorRTExecutor.load(bundle, cache_size=cache_size, strict_targets=strict_targets))
         from .executors.onnxruntime import OnnxRuntimeExecutor
 
         bundle = open_bundle(path, files="onnx", verify=verify)

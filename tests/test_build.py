@@ -50,7 +50,8 @@ def test_sd_bundle_contents(sd_bundle):
     import tensorrt_rtx
 
     assert manifest["engine"]["version"] == tensorrt_rtx.__version__
-    assert manifest["engine"]["targets"] == ["7.5", "8.0", "8.6", "8.9", "12.0", "12.1"]
+    assert manifest["engine"]["targets"] == ["8.0", "8.6", "8.9", "12.0", "12.1"]
+    assert manifest["engine"]["targets_source"] == "tensorrt-rtx default"
     for name, entry in manifest["components"].items():
         assert entry["precision"] == "fp16", name  # the SD pipelines never upcast the VAE
         for output in entry["validation"]["outputs"].values():
@@ -268,3 +269,14 @@ def test_missing_flavor_is_reported_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(FlavorError, match="--onnx-only"):
         quiet_build(tiny_options("tiny-sd-turbo", tmp_path / "b", flavor=None))
     assert not (tmp_path / "b").exists()
+
+
+def test_unwritable_output_fails_clearly(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    done = subprocess.run([sys.executable, "-m", "turbo_trt.cli", "build", "--model", "tiny-sd-turbo", "--out",
+                           str(blocker / "bundle"), "--height", "64", "--width", "64", "--onnx-only"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "cannot create the bundle directory" in done.stderr and "Traceback" not in done.stderr
+    assert blocker.read_text() == "not a directory"

@@ -93,6 +93,10 @@ def test_compatibility_checks_say_what_differs(sd_bundle, tmp_path):
         check_engine_compatibility(bundle, "tensorrt-rtx", version, H100)
     with pytest.raises(FlavorError, match="no NVIDIA GPU"):
         check_engine_compatibility(bundle, "tensorrt-rtx", version, None)
+    with pytest.warns(RuntimeWarning, match="trying anyway"):
+        check_engine_compatibility(bundle, "tensorrt-rtx", version, H100, strict_targets=False)
+    with pytest.raises(FlavorError, match="9.9.9"):  # a version mismatch is never waved through
+        check_engine_compatibility(bundle, "tensorrt-rtx", "9.9.9", H100, strict_targets=False)
 
     copy = copy_bundle(sd_bundle[0], tmp_path / "b")
     _edit_manifest(copy, lambda m: m["engine"].update(targets=["current"], build_gpu=RTX4090))

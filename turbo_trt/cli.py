@@ -56,8 +56,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--workspace", type=float, default=d["workspace_gib"],
                    help="TensorRT workspace limit in GiB (default: TensorRT's own)")
     p.add_argument("--targets", default=None,
-                   help="tensorrt-rtx only: comma-separated compute capabilities to build for, e.g. 8.6,8.9 "
-                        "(default: the local GPU, or every supported one when there is no GPU)")
+                   help="tensorrt-rtx only: comma-separated compute capabilities to build for (7.5, 8.0, 8.6, 8.9, "
+                        "12.0, 12.1, or 'current' for the local GPU); default: TensorRT-RTX's portable engine for "
+                        "Ampere and later (8.0+)")
     p.add_argument("--min-cosine", type=float, default=d["min_cosine"],
                    help="fail validation when an output's cosine similarity to PyTorch FP32 is lower")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
@@ -112,6 +113,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="image-to-image strength in (0, 1]; int(steps * strength) must be >= 1")
     p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
                    help="auto: TensorRT on a GPU with the bundle's flavor installed, else ONNX Runtime (CPU)")
+    p.add_argument("--ignore-targets", action="store_true",
+                   help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
     p.add_argument("--out", type=Path, required=True,
                    help="output PNG; with several prompts, NAME-0.png, NAME-1.png, ...")
 
@@ -142,7 +145,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import secrets
 
     seed = secrets.randbelow(2**63) if args.seed is None else args.seed
-    pipe = TurboPipeline.from_bundle(args.engines, executor=args.executor)
+    pipe = TurboPipeline.from_bundle(args.engines, executor=args.executor, strict_targets=not args.ignore_targets)
     images = pipe(args.prompt, num_inference_steps=args.steps, seed=seed, noise=noise, image=image,
                   strength=args.strength)
     from .fsutil import atomic_path
@@ -155,6 +158,72 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .benchmarks.bench import BenchOptions
+
+    d = _defaults(BenchOptions)
+    p = sub.add_parser(
+        "bench",
+        help="latency report for a bundle, with diffusers baselines in the same run",
+        description="Warm up, then time end-to-end images (CUDA graphs on a GPU, ONNX Runtime on the CPU), "
+                    "per-stage times, cold start, throughput, memory and FLOP efficiency; diffusers eager "
+                    "(and torch.compile with --compile) on the same model and settings for the speedup.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engines", type=Path, help="bundle directory")
+    source.add_argument("--model", help="build this model first (as `turbo-trt build --model`), then bench it")
+    p.add_argument("--random-weights", action="store_true", help="with --model: full-size random weights")
+    p.add_argument("--flavor", choices=["tensorrt", "tensorrt-rtx"], default=None, help="with --model: engine flavor")
+    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"])
+    p.add_argument("--steps", type=int, default=d["steps"], help="inference steps (1..4)")
+    p.add_argument("--iterations", type=int, default=d["iterations"], help="timed images per measurement")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="untimed images first")
+    p.add_argument("--parallel", type=int, default=d["parallel"], help="throughput with 1..N runners in threads")
+    p.add_argument("--prompt", default=d["prompt"])
+    p.add_argument("--no-baseline", action="store_true", help="skip the diffusers eager baseline")
+    p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile (max-autotune)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for the efficiency column (default: data-sheet FP16 peak of known GPUs)")
+    p.add_argument("--ignore-targets", action="store_true", help="run engines outside their built targets")
+    p.add_argument("--json", type=Path, default=None, help="write the full result as JSON (schema turbo-trt-bench/1)")
+    p.add_argument("--report", type=Path, default=None, help="write a Markdown report")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG: per-stage bars and latency histogram")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .benchmarks.bench import BenchOptions, run_bench
+    from .benchmarks.report import markdown, plot, terminal
+    from .fsutil import atomic_write_bytes
+
+    engines = args.engines
+    if args.model:
+        from .builder.build import build
+        from .builder.options import BuildOptions
+        from .progress import Progress
+
+        engines = build(BuildOptions(model=args.model, random_weights=args.random_weights, flavor=args.flavor),
+                        Progress()).bundle
+    baselines = () if args.no_baseline else ("diffusers",)
+    if args.compile:
+        baselines += ("compile",)
+    result = run_bench(BenchOptions(
+        engines=engines, executor=args.executor, steps=args.steps, iterations=args.iterations, warmup=args.warmup,
+        parallel=args.parallel, prompt=args.prompt, baselines=baselines, peak_tflops=args.peak_tflops,
+        strict_targets=not args.ignore_targets,
+    ), log=lambda message: print(message, file=sys.stderr))
+    print(terminal(result))
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
+    if args.report:
+        atomic_write_bytes(args.report, markdown(result).encode())
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbo-trt",
@@ -164,6 +233,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_build(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -175,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_build(args)
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "bench":
+            return _run_bench(args)
         parser.error(f"unknown command {args.command}")
     except TurboTrtError as exc:
         print(f"turbo-trt: error: {exc}", file=sys.stderr)

@@ -22,6 +22,10 @@ FLAVORS = ("tensorrt", "tensorrt-rtx")
 _MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 #: Compute capabilities TensorRT-RTX 1.x can target (its ComputeCapability enum, without NONE/CURRENT).
 RTX_TARGETS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+#: What an engine built with no capability set runs on (TensorRT-RTX docs: "8.0, 8.6, 8.9, 12.0, and
+#: later"; Turing needs an explicit 7.5). Setting capabilities explicitly made TensorRT-RTX 1.7 fail on the
+#: UNet (Myelin "empty runtime-fusion MVMF"), so the default build sets none.
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class Flavor:
         return 0 if flag is None else 1 << int(flag)
 
     def compute_capability_enum(self, target: str) -> Any:
-        member = "SM" + target.replace(".", "")
+        member = "CURRENT" if target == "current" else "SM" + target.replace(".", "")
         try:
             return getattr(self.trt.ComputeCapability, member)
         except AttributeError:

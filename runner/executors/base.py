@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import numpy as np
 
 from ..bundle import Bundle
+from ..cache import SlotLRU
 from ..inputs import Noise
 from ..schedule import Plan
 
@@ -23,8 +26,10 @@ class Executor(ABC):
 
     name: str = "executor"
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, cache_size: int) -> None:
         self.bundle = bundle
+        self.cache_size = cache_size
+        self._lru = SlotLRU(cache_size)
 
     @abstractmethod
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
@@ -41,7 +46,17 @@ class Executor(ABC):
         """A new executor with its own execution state that shares this one's weights."""
 
     def cache_stats(self) -> dict[str, int]:
-        return {}
+        return {"hits": self._lru.hits, "misses": self._lru.misses, "entries": len(self._lru)}
+
+    @contextlib.contextmanager
+    def prompt_cache_disabled(self) -> Iterator[None]:
+        """Within the block every call runs the text encoders (for measuring the full path)."""
+        saved = self._lru
+        self._lru = SlotLRU(0)
+        try:
+            yield
+        finally:
+            self._lru = saved
 
     def close(self) -> None:
         """Release resources (device memory, sessions)."""

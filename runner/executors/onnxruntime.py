@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from ..bundle import EMBEDDING_FEEDS, Bundle
-from ..cache import SlotLRU
 from ..inputs import Noise
 from ..schedule import Plan
 from .base import Executor, Timings
@@ -21,7 +20,7 @@ class OnnxRuntimeExecutor(Executor):
 
     def __init__(self, bundle: Bundle, cache_size: int = 8, sessions: dict[str, Any] | None = None,
                  threads: int | None = None) -> None:
-        super().__init__(bundle)
+        super().__init__(bundle, cache_size)
         import onnxruntime as ort
 
         self._threads = threads
@@ -36,8 +35,6 @@ class OnnxRuntimeExecutor(Executor):
                 for name in bundle.components()
             }
         self.sessions = sessions
-        self.cache_size = cache_size
-        self._lru = SlotLRU(cache_size)
         self._slots: dict[int, dict[str, np.ndarray]] = {}
         lat = bundle.manifest["shapes"]
         self._zeros = np.zeros((lat["batch"], lat["latent_channels"], lat["latent_height"], lat["latent_width"]),
@@ -102,5 +99,3 @@ class OnnxRuntimeExecutor(Executor):
         self._denoise_and_decode(plan, noise, image, self._encode(ids, timings), timings)
         return timings
 
-    def cache_stats(self) -> dict[str, int]:
-        return {"hits": self._lru.hits, "misses": self._lru.misses, "entries": len(self._lru)}

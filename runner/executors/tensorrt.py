@@ -23,7 +23,6 @@ from turbo_trt.flavors import Flavor, load_flavor
 
 from .. import cuda
 from ..bundle import EMBEDDING_FEEDS, Bundle, check_engine_compatibility
-from ..cache import SlotLRU
 from ..inputs import Noise
 from ..schedule import Plan, all_plans
 from .base import Executor, Timings
@@ -92,19 +91,19 @@ class TensorRTExecutor(Executor):
     name = "tensorrt"
 
     @classmethod
-    def load(cls, bundle: Bundle, cache_size: int = 8, use_graphs: bool = True) -> TensorRTExecutor:
+    def load(cls, bundle: Bundle, cache_size: int = 8, use_graphs: bool = True,
+             strict_targets: bool = True) -> TensorRTExecutor:
         from turbo_trt.gpu import current_gpu
 
         engine_info = bundle.manifest.get("engine") or {}
         flavor = load_flavor(engine_info.get("flavor"))
-        check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu())
+        check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), strict_targets)
         return cls(EngineSet(bundle, flavor), cache_size=cache_size, use_graphs=use_graphs)
 
     def __init__(self, engines: EngineSet, cache_size: int = 8, use_graphs: bool = True) -> None:
-        super().__init__(engines.bundle)
+        super().__init__(engines.bundle, cache_size)
         self.engines = engines
         self.use_graphs = use_graphs
-        self.cache_size = cache_size
         self.memory = cuda.Memory()
         self.stream = cuda.new_stream()
         self.contexts: dict[str, trt_api.IExecutionContext] = {
@@ -147,7 +146,6 @@ class TensorRTExecutor(Executor):
             self.sample_noise = mem.pinned_array(lat_shape, np.float32)
             self.latent_noise_dev = mem.alloc(self.lat_bytes)
         # Prompt-embedding cache: `cache_size` slots of all embeddings, allocated now.
-        self._lru = SlotLRU(self.cache_size)
         self._slots = [{k: mem.alloc(v.nbytes) for k, v in self.embeddings.items()} for _ in range(self.cache_size)]
         self._upload_plans()
 
@@ -315,8 +313,6 @@ class TensorRTExecutor(Executor):
     def fork(self) -> TensorRTExecutor:
         return TensorRTExecutor(self.engines, self.cache_size, self.use_graphs)
 
-    def cache_stats(self) -> dict[str, int]:
-        return {"hits": self._lru.hits, "misses": self._lru.misses, "entries": len(self._lru)}
 
     def close(self) -> None:
         for buffers in self._plans.values():

@@ -1,0 +1,249 @@
+"""`turbo-trt bench`: honest latency figures for a bundle, with baselines in the same run.
+
+Order of a run: cold start (verify, deserialize, allocate, capture) -> warm-up -> N timed end-to-end images
+with the prompt cache off (the text encoder runs every time) -> N more with a repeated prompt (cache on)
+-> an instrumented pass per stage (CUDA events on the GPU, wall time around each session on the CPU) ->
+throughput with 1..K runners in parallel threads -> baselines (diffusers eager, torch.compile) on the same
+model, resolution and steps with guidance 0.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from turbo_trt.errors import UsageError
+
+from .environment import environment
+from .flops import bundle_flops
+from .stats import summarize
+
+SCHEMA = "turbo-trt-bench/1"
+#: Dense FP16 tensor-core peaks (TFLOP/s, no sparsity) by GPU name fragment, from NVIDIA's data sheets.
+KNOWN_PEAKS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+               "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "RTX 5090": 209.5}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    engines: Path
+    executor: str = "auto"
+    steps: int = 1
+    iterations: int = 20
+    warmup: int = 3
+    parallel: int = 2
+    prompt: str = "a photo of an astronaut riding a horse on mars"
+    baselines: tuple[str, ...] = ("diffusers",)  # "diffusers", "compile"
+    peak_tflops: float | None = None
+    strict_targets: bool = True
+
+
+def _peak_for(gpu: dict[str, Any] | None, given: float | None) -> tuple[float | None, str]:
+    if given is not None:
+        return given, "--peak-tflops"
+    if gpu:
+        for fragment, value in KNOWN_PEAKS.items():
+            if fragment in gpu["name"]:
+                return value, f"data-sheet dense FP16 peak for {fragment}"
+    return None, "unknown (pass --peak-tflops)"
+
+
+class _Memory:
+    """Device memory checkpoints on a GPU (cudaMemGetInfo), process RSS on the CPU."""
+
+    def __init__(self, gpu: bool) -> None:
+        self.gpu = gpu
+        self.points: dict[str, float] = {}
+        self.base = self._used()
+
+    def _used(self) -> float:
+        if self.gpu:
+            from turbo_trt.runner import cuda
+
+            free, total = cuda.memory_info()
+            return (total - free) / 2**20
+        from turbo_trt.fsutil import peak_rss_mib
+
+        return peak_rss_mib()
+
+    def mark(self, name: str) -> None:
+        self.points[name] = round(self._used() - self.base, 1)
+
+
+def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict[str, float]]:
+    from turbo_trt.runner.bundle import open_bundle
+    from turbo_trt.runner.pipeline import TurboPipeline
+
+    cold: dict[str, float] = {}
+    start = time.perf_counter()
+    bundle = open_bundle(opts.engines, files="engine" if executor == "tensorrt" else "onnx", verify=True)
+    cold["verify_s"] = time.perf_counter() - start
+    if executor == "tensorrt":
+        from turbo_trt.runner.bundle import check_engine_compatibility
+        from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
+
+        from turbo_trt.flavors import load_flavor
+        from turbo_trt.gpu import current_gpu
+
+        flavor = load_flavor((bundle.manifest.get("engine") or {}).get("flavor"))
+        check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), opts.strict_targets)
+        t = time.perf_counter()
+        engines = EngineSet(bundle, flavor)
+        cold["deserialize_s"] = time.perf_counter() - t
+        memory.mark("weights")
+        t = time.perf_counter()
+        runner: Any = TensorRTExecutor(engines, cache_size=8)
+        cold["allocate_s"] = time.perf_counter() - t
+        memory.mark("after_allocation")
+        pipe = TurboPipeline(bundle, runner)
+        t = time.perf_counter()
+        runner.prepare(pipe.plan(opts.steps, None))
+        cold["capture_s"] = time.perf_counter() - t
+    else:
+        from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
+
+        t = time.perf_counter()
+        runner = OnnxRuntimeExecutor(bundle, cache_size=8)
+        cold["deserialize_s"] = time.perf_counter() - t
+        memory.mark("after_load")
+        pipe = TurboPipeline(bundle, runner)
+        cold["allocate_s"] = 0.0  # ONNX Runtime allocates inside its first run (see first_run_s)
+        cold["capture_s"] = 0.0  # no graphs on the CPU
+    t = time.perf_counter()
+    pipe(opts.prompt, num_inference_steps=opts.steps, seed=0, output_type="np")
+    cold["first_run_s"] = time.perf_counter() - t
+    cold["total_s"] = sum(cold.values())
+    return pipe, {k: round(v, 4) for k, v in cold.items()}
+
+
+def _timed(pipe: Any, opts: BenchOptions, prompts: list[str]) -> list[float]:
+    samples = []
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        pipe(prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _throughput(pipe: Any, opts: BenchOptions) -> list[dict[str, float]]:
+    results = []
+    per_runner = max(2, opts.iterations // 2)
+    for runners in range(1, opts.parallel + 1):
+        pipes = [pipe] + [pipe.fork() for _ in range(runners - 1)]
+        for p in pipes:  # warm each fork (graph capture happens on its first call)
+            p(opts.prompt, num_inference_steps=opts.steps, seed=0, output_type="np")
+        barrier = threading.Barrier(runners + 1)
+
+        def work(p: Any, index: int, barrier: threading.Barrier) -> None:
+            barrier.wait()
+            for i in range(per_runner):
+                p(f"{opts.prompt} {index} {i}", num_inference_steps=opts.steps, seed=i, output_type="np")
+
+        threads = [threading.Thread(target=work, args=(p, n, barrier)) for n, p in enumerate(pipes)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        images = runners * per_runner * pipe.batch
+        results.append({"runners": runners, "images": images, "seconds": round(wall, 4),
+                        "images_per_s": round(images / wall, 3)})
+    return results
+
+
+def _stages(pipe: Any, opts: BenchOptions) -> dict[str, dict[str, float]]:
+    from turbo_trt.runner.inputs import latent_shape, make_noise
+
+    plan = pipe.plan(opts.steps, None)
+    ids = {name: np.stack([tok.encode(opts.prompt)] * pipe.batch) for name, tok in pipe.tokenizers.items()}
+    samples: dict[str, list[float]] = {}
+    for i in range(max(3, opts.iterations // 2)):
+        noise = make_noise(i, latent_shape(pipe.shapes), False, plan.runs if pipe.scheduler["ancestral"] else 0)
+        for label, seconds in pipe.executor.run_profiled(ids, plan, noise, None):
+            samples.setdefault(label, []).append(seconds)
+    return {label: summarize(values) for label, values in samples.items()}
+
+
+def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batch: int,
+                peak: float | None) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for label, summary in stages.items():
+        component = label.split("[")[0]
+        if component not in flops:
+            continue
+        gflop = flops[component] * batch / 1e9
+        tflops = gflop / summary["p50_ms"]  # GFLOP per ms == TFLOP per s
+        out[label] = {"gflop_per_image": round(flops[component] / 1e9, 3), "achieved_tflops": round(tflops, 3),
+                      "share_of_peak": round(tflops / peak, 4) if peak else None}
+    return out
+
+
+def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
+    from turbo_trt.runner.pipeline import EXECUTORS, _auto_executor
+
+    from turbo_trt.gpu import current_gpu
+
+    if opts.executor not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}")
+    if opts.iterations < 2 or opts.warmup < 0 or opts.parallel < 1:
+        raise UsageError("--iterations must be >= 2, --warmup >= 0 and --parallel >= 1")
+    executor = _auto_executor(opts.engines) if opts.executor == "auto" else opts.executor
+    gpu = current_gpu() if executor == "tensorrt" else None
+    memory = _Memory(gpu is not None)
+    log(f"loading {opts.engines} with the {executor} executor ...")
+    pipe, cold = _load(opts, executor, memory)
+    for i in range(opts.warmup):
+        pipe(opts.prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
+    log(f"timing {opts.iterations} images (prompt cache off) ...")
+    with pipe.executor.prompt_cache_disabled():
+        uncached = _timed(pipe, opts, [f"{opts.prompt} #{i}" for i in range(opts.iterations)])
+    log(f"timing {opts.iterations} images with a repeated prompt (cache on) ...")
+    cached = _timed(pipe, opts, [opts.prompt] * opts.iterations)
+    memory.mark("peak_after_runs")
+    log("per-stage pass ...")
+    stages = _stages(pipe, opts)
+    log(f"throughput with 1..{opts.parallel} runners ...")
+    throughput = _throughput(pipe, opts)
+    manifest = pipe.bundle.manifest
+    peak, peak_source = _peak_for(gpu, opts.peak_tflops)
+    flops = bundle_flops(pipe.bundle.path, manifest)
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "environment": environment(),
+        "bundle": {"path": str(opts.engines), "model": manifest["model"]["id"], "kind": manifest["model"]["kind"],
+                   "family": manifest["model"]["family"], "shapes": manifest["shapes"],
+                   "engine": manifest.get("engine")},
+        "executor": executor,
+        "device": gpu["name"] if gpu else "CPU",
+        "settings": {"steps": opts.steps, "iterations": opts.iterations, "warmup": opts.warmup,
+                     "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0},
+        "cold_start": cold,
+        "latency": summarize(uncached),
+        "latency_cached_prompt": summarize(cached),
+        "samples_ms": [round(s * 1e3, 3) for s in uncached],
+        "stages": stages,
+        "throughput": throughput,
+        "memory_mib": {"kind": "device (cudaMemGetInfo deltas)" if gpu else "host peak RSS growth",
+                       **memory.points},
+        "flops": {"per_image_gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
+                  "peak_tflops": peak, "peak_source": peak_source,
+                  "stages": _efficiency(stages, flops, pipe.batch, peak)},
+        "baselines": [],
+    }
+    for name in opts.baselines:
+        from .baselines import run_baseline
+
+        log(f"baseline {name} ...")
+        baseline = run_baseline(name, manifest, opts, on_gpu=gpu is not None)
+        if baseline.get("latency"):
+            baseline["speedup_p50"] = round(baseline["latency"]["p50_ms"] / result["latency"]["p50_ms"], 2)
+        result["baselines"].append(baseline)
+    pipe.close()
+    return result
