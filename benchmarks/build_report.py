@@ -37,6 +37,7 @@ def measure(model: str, random_weights: bool, flavor: str | None, out: Path, hei
         sizes = {rel: (out / rel).stat().st_size for rel in entry["onnx_files"] + entry.get("engine_files", [])}
         components[name] = {
             "precision": entry["precision"],
+            "reference_seconds": entry.get("reference_seconds"),
             "export_and_validate_seconds": entry["export_seconds"],
             "engine_build_seconds": entry.get("build_seconds"),
             "peak_rss_mib_after_export": entry.get("peak_rss_mib_after_export"),
@@ -49,7 +50,8 @@ def measure(model: str, random_weights: bool, flavor: str | None, out: Path, hei
         "model": model, "random_weights": random_weights,
         "flavor": (manifest.get("engine") or {}).get("flavor"),
         "shapes": manifest["shapes"], "engine": manifest.get("engine"),
-        "total_seconds": round(total, 1), "peak_rss_mib": peak_rss_mib(),
+        "total_seconds": round(total, 1), "pipeline_load_seconds": report.load_seconds,
+        "peak_rss_mib": peak_rss_mib(),
         "components": components, "exported": report.exported, "engines_built": report.engines_built,
         "environment": environment(),
     }
@@ -65,19 +67,20 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
         f"- commit: {env['commit']}",
         f"- shapes: {result['shapes']['batch']} x {result['shapes']['height']}x{result['shapes']['width']}",
-        f"- total wall time: {result['total_seconds']} s; peak RSS of the build process: "
+        f"- total wall time: {result['total_seconds']} s (pipeline load/initialization "
+        f"{result.get('pipeline_load_seconds', '?')} s); peak RSS of the build process: "
         f"{result['peak_rss_mib'] / 1024:.1f} GiB",
         "",
-        "| component | precision | export + validate (s) | engine build (s) | peak RSS after export / build (GiB) "
-        "| cosine vs FP32 | files (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| component | precision | FP32 reference (s) | export + validate (s) | engine build (s) "
+        "| peak RSS after export / build (GiB) | cosine vs FP32 | files (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in result["components"].items():
         rss = [c["peak_rss_mib_after_export"], c["peak_rss_mib_after_build"]]
         rss_text = " / ".join(f"{v / 1024:.1f}" if v else "-" for v in rss)
         cos = ", ".join(f"{v:.6f}" for v in c["cosine"].values())
         files = ", ".join(f"{Path(k).name} {v}" for k, v in c["file_mib"].items())
-        lines.append(f"| {name} | {c['precision']} | {c['export_and_validate_seconds']} | "
+        lines.append(f"| {name} | {c['precision']} | {c.get('reference_seconds') or '-'} | {c['export_and_validate_seconds']} | "
                      f"{c['engine_build_seconds'] or '-'} | {rss_text} | {cos} | {files} |")
     lines += ["", "Peak RSS figures are the process's running maximum (ru_maxrss) at the end of each step."]
     return "\n".join(lines) + "\n"

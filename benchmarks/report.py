@@ -27,7 +27,7 @@ def _header(result: dict[str, Any]) -> list[str]:
 
 
 def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for label, s in [("end-to-end (text encoder every call)", result["latency"]),
                      ("end-to-end (repeated prompt, cached)", result["latency_cached_prompt"])]:
         rows.append((label, _ms(s["mean_ms"]), _ms(s["p50_ms"]), _ms(s["p90_ms"]), _ms(s["p99_ms"]),

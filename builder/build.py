@@ -43,6 +43,7 @@ class BuildReport:
     engines_built: list[str] = field(default_factory=list)
     up_to_date: bool = False
     seconds: float = 0.0
+    load_seconds: float = 0.0  # loading (or, with --random-weights, initializing) the pipeline
 
 
 def default_slug(opts: BuildOptions, src: sources.ResolvedSource) -> str:
@@ -169,7 +170,9 @@ def _build_locked(
     )
     if stale or tokenizers_stale:
         progress.info(f"loading {src.argument} ({src.kind}) ...")
+        start = time.perf_counter()
         pipe = sources.load_pipeline(src)
+        report.load_seconds = round(time.perf_counter() - start, 2)
         manifest["tokenizers"] = _write_tokenizers(pipe, bundle, parts)
         write_manifest(bundle, manifest)
         if stale:

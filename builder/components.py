@@ -8,6 +8,7 @@ held once in memory: no FP32 copy beside the FP16 one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,10 @@ def export_and_validate(
             feeds = example_inputs(spec, family, dims, vocab, opts.validation_seed)
             progress.info(f"{spec.name}: PyTorch FP32 reference ...")
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
-            prepared.append((spec, feeds, torch_reference(wrapper, feeds, [t.name for t in outputs])))
-        for spec, feeds, reference in prepared:
+            start = time.perf_counter()
+            reference = torch_reference(wrapper, feeds, [t.name for t in outputs])
+            prepared.append((spec, feeds, reference, round(time.perf_counter() - start, 2)))
+        for spec, feeds, reference, reference_seconds in prepared:
             precision = precision_of(spec, pipe, family)
             module.to(torch.float16 if precision == "fp16" else torch.float32)
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
@@ -78,7 +81,7 @@ def export_and_validate(
                 "onnx": onnx_files[0], "onnx_sha256": hashes[0], "onnx_files": onnx_files,
                 "onnx_file_sha256": hashes, "external_data": facts["external_data"],
                 "inputs": input_records, "outputs": output_records, "precision": precision, "validation": validation,
-                "export_seconds": facts["export_seconds"],
+                "export_seconds": facts["export_seconds"], "reference_seconds": reference_seconds,
                 "peak_rss_mib_after_export": peak_rss_mib(),
             }
         setattr(pipe, part, None)

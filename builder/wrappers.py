@@ -93,11 +93,8 @@ class UNetStepGraph(nn.Module):
         return a * latents + b * out.to(torch.float32) + c * step_noise
 
 
-class VaeDecodeGraph(nn.Module):
-    """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
-    `decode(latents / scaling_factor [+ shift])`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded
-    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose. A second
-    output counts the non-finite decoded values, so NaN/inf can be reported instead of cast to black."""
+class _VaeGraph(nn.Module):
+    """Holds the VAE and its latent scaling (`scaling_factor`, optional `shift_factor`)."""
 
     def __init__(self, vae: Any) -> None:
         super().__init__()
@@ -105,6 +102,13 @@ class VaeDecodeGraph(nn.Module):
         self.scaling = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift = float(shift) if shift is not None else 0.0
+
+
+class VaeDecodeGraph(_VaeGraph):
+    """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
+    `decode(latents / scaling_factor [+ shift])`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded
+    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose. A second
+    output counts the non-finite decoded values, so NaN/inf can be reported instead of cast to black."""
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = latents / self.scaling + self.shift
@@ -114,18 +118,11 @@ class VaeDecodeGraph(nn.Module):
         return image.permute(0, 2, 3, 1).round().to(torch.uint8), nonfinite
 
 
-class VaeEncodeGraph(nn.Module):
+class VaeEncodeGraph(_VaeGraph):
     """uint8 NHWC RGB + noise -> the img2img pipeline's noised starting latents:
     `scaling * (mean + std * sample_noise) + noise_sigma * latent_noise`, where the first noise is the
     posterior sample's (`latent_dist.sample`) and the second the scheduler's `add_noise` at the first
     img2img timestep (noise_sigma = that step's sigma)."""
-
-    def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae: Any = vae
-        self.scaling = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None)
-        self.shift = float(shift) if shift is not None else 0.0
 
     def forward(
         self, image: torch.Tensor, sample_noise: torch.Tensor, latent_noise: torch.Tensor, noise_sigma: torch.Tensor
