@@ -206,7 +206,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         engines = build(BuildOptions(model=args.model, random_weights=args.random_weights, flavor=args.flavor),
                         Progress()).bundle
-    baselines = () if args.no_baseline else ("diffusers",)
+    baselines: tuple[str, ...] = () if args.no_baseline else ("diffusers",)
     if args.compile:
         baselines += ("compile",)
     result = run_bench(BenchOptions(
