@@ -41,7 +41,7 @@ def measure(model: str, random_weights: bool, flavor: str | None, out: Path, hei
             "export_and_validate_seconds": entry["export_seconds"],
             "engine_build_seconds": entry.get("build_seconds"),
             "peak_rss_mib_after_export": entry.get("peak_rss_mib_after_export"),
-            "peak_rss_mib_after_build": entry.get("peak_rss_mib_after_build"),
+            "engine_build_peak_rss_mib": entry.get("engine_build_peak_rss_mib"),
             "cosine": {k: v["cosine"] for k, v in entry["validation"]["outputs"].items()},
             "file_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()},
         }
@@ -72,17 +72,18 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['peak_rss_mib'] / 1024:.1f} GiB",
         "",
         "| component | precision | FP32 reference (s) | export + validate (s) | engine build (s) "
-        "| peak RSS after export / build (GiB) | cosine vs FP32 | files (MiB) |",
+        "| peak RSS: exporter after export / engine builder (GiB) | cosine vs FP32 | files (MiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in result["components"].items():
-        rss = [c["peak_rss_mib_after_export"], c["peak_rss_mib_after_build"]]
+        rss = [c["peak_rss_mib_after_export"], c["engine_build_peak_rss_mib"]]
         rss_text = " / ".join(f"{v / 1024:.1f}" if v else "-" for v in rss)
         cos = ", ".join(f"{v:.6f}" for v in c["cosine"].values())
         files = ", ".join(f"{Path(k).name} {v}" for k, v in c["file_mib"].items())
         lines.append(f"| {name} | {c['precision']} | {c.get('reference_seconds') or '-'} | {c['export_and_validate_seconds']} | "
                      f"{c['engine_build_seconds'] or '-'} | {rss_text} | {cos} | {files} |")
-    lines += ["", "Peak RSS figures are the process's running maximum (ru_maxrss) at the end of each step."]
+    lines += ["", "Peak RSS: the exporting process's running maximum (ru_maxrss) after each export, and the peak of "
+              "the child process that built each engine."]
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,6 @@ from turbo_trt.errors import UsageError
 from turbo_trt.flavors import RTX_DEFAULT_TARGETS, RTX_TARGETS, Flavor, load_flavor
 from turbo_trt.fsutil import (
     BundleLock,
-    atomic_write_bytes,
-    peak_rss_mib,
     remove_stale_temporaries,
     sha256_file,
     sha256_json,
@@ -169,23 +167,13 @@ def _build_locked(
         for name, part in TOKENIZER_PARTS.items() if part in parts
     )
     if stale or tokenizers_stale:
-        progress.info(f"loading {src.argument} ({src.kind}) ...")
-        start = time.perf_counter()
-        pipe = sources.load_pipeline(src)
-        report.load_seconds = round(time.perf_counter() - start, 2)
-        manifest["tokenizers"] = _write_tokenizers(pipe, bundle, parts)
-        write_manifest(bundle, manifest)
-        if stale:
-            from .components import export_and_validate
+        from .isolate import run_isolated
 
-            fingerprints = {spec.name: fp for spec, fp in stale}
-            for spec, entry in export_and_validate(pipe, src.family, dims, [s for s, _ in stale], bundle, opts,
-                                                   vocab_sizes(configs), progress):
-                entry["onnx_fingerprint"] = fingerprints[spec.name]
-                components[spec.name] = entry
-                report.exported.append(spec.name)
-                write_manifest(bundle, manifest)
-        del pipe
+        result = run_isolated("exporting ONNX graphs", export_stage, src, configs, dims, parts,
+                              [(spec.name, fp) for spec, fp in stale], bundle, opts, manifest, progress.enabled)
+        manifest, report.load_seconds = result["manifest"], result["load_seconds"]
+        components = manifest["components"]
+        report.exported.extend(result["exported"])
     else:
         progress.info("ONNX graphs up to date")
     if manifest != old:  # an up-to-date bundle is left untouched, manifest included
@@ -199,22 +187,50 @@ def _build_locked(
         fingerprint = engine_fingerprint(entry, flavor, opts)
         if entry.get("engine_fingerprint") == fingerprint and files_intact(bundle, entry, "engine_files", "engine_file_sha256"):
             continue
-        from .engine import build_engine
+        from .engine import build_engine_isolated
 
         progress.info(f"building {flavor.name} engine for {spec.name} ...")
-        plan, seconds = build_engine(flavor, bundle / entry["onnx"], opts.engine, progress,
-                                     timing_cache=timing_cache, label=spec.name)
         engine_path = bundle / f"{spec.name}.plan"
-        atomic_write_bytes(engine_path, plan)
-        progress.info(f"  {spec.name}: {len(plan) / 2**20:.1f} MiB engine in {seconds:.1f} s")
+        built = build_engine_isolated(flavor, bundle / entry["onnx"], opts.engine, engine_path, progress,
+                                      timing_cache=timing_cache, label=spec.name)
+        progress.info(f"  {spec.name}: {built['bytes'] / 2**20:.1f} MiB engine in {built['seconds']:.1f} s")
         entry.update({
             "engine": engine_path.name, "engine_sha256": sha256_file(engine_path),
             "engine_files": [engine_path.name], "engine_fingerprint": fingerprint,
-            "build_seconds": round(seconds, 2), "peak_rss_mib_after_build": peak_rss_mib(),
+            "build_seconds": round(built["seconds"], 2), "engine_build_peak_rss_mib": built["peak_rss_mib"],
         })
         entry["engine_file_sha256"] = [entry["engine_sha256"]]
         report.engines_built.append(spec.name)
         write_manifest(bundle, manifest)
+
+
+def export_stage(
+    src: sources.ResolvedSource, configs: dict[str, dict[str, Any]], dims: Dims, parts: dict[str, str],
+    stale: list[tuple[str, str]], bundle: Path, opts: BuildOptions, manifest: dict[str, Any], show_progress: bool,
+) -> dict[str, Any]:
+    """Child-process entry (see isolate.py): load the pipeline, write the tokenizers, export and validate
+    each stale component, recording each in the manifest as it completes. Returns the manifest."""
+    progress = Progress(enabled=show_progress)
+    progress.info(f"loading {src.argument} ({src.kind}) ...")
+    start = time.perf_counter()
+    pipe = sources.load_pipeline(src)
+    load_seconds = round(time.perf_counter() - start, 2)
+    manifest["tokenizers"] = _write_tokenizers(pipe, bundle, parts)
+    write_manifest(bundle, manifest)
+    exported = []
+    if stale:
+        from .components import export_and_validate
+        from .specs import spec_by_name
+
+        fingerprints = dict(stale)
+        specs = [spec_by_name(name) for name, _ in stale]
+        for spec, entry in export_and_validate(pipe, src.family, dims, specs, bundle, opts, vocab_sizes(configs),
+                                               progress):
+            entry["onnx_fingerprint"] = fingerprints[spec.name]
+            manifest["components"][spec.name] = entry
+            exported.append(spec.name)
+            write_manifest(bundle, manifest)
+    return {"manifest": manifest, "load_seconds": load_seconds, "exported": exported}
 
 
 def vocab_sizes(configs: dict[str, dict[str, Any]]) -> dict[str, int]:

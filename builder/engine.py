@@ -149,3 +149,25 @@ def build_engine(
 
         atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
     return bytes(serialized), time.perf_counter() - start
+
+
+def _build_engine_file(flavor_name: str, onnx_path: Path, options: EngineOptions, engine_path: Path,
+                       timing_cache: Path | None, label: str, show_progress: bool) -> dict[str, float]:
+    """Child-process entry: build one engine and write it atomically to `engine_path`."""
+    from turbo_trt.flavors import load_flavor
+    from turbo_trt.fsutil import atomic_write_bytes, peak_rss_mib
+
+    plan, seconds = build_engine(load_flavor(flavor_name), onnx_path, options, Progress(enabled=show_progress),
+                                 timing_cache=timing_cache, label=label)
+    atomic_write_bytes(engine_path, plan)
+    return {"seconds": seconds, "bytes": float(len(plan)), "peak_rss_mib": peak_rss_mib()}
+
+
+def build_engine_isolated(flavor: Flavor, onnx_path: Path, options: EngineOptions, engine_path: Path,
+                          progress: Progress, timing_cache: Path | None = None, label: str = "engine") -> dict[str, float]:
+    """`build_engine` in a fresh child process (see isolate.py), which writes the engine file itself.
+    Returns {"seconds", "bytes", "peak_rss_mib"} (the child's own peak)."""
+    from .isolate import run_isolated
+
+    return run_isolated(f"building {onnx_path.name}", _build_engine_file, flavor.name, onnx_path, options,
+                        engine_path, timing_cache, label, progress.enabled)

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from turbo_trt.fsutil import public_dir
+
 
 def export_tokenizer(tokenizer: Any, target: Path) -> dict[str, Any]:
     """Save `tokenizer` (slow or fast CLIP tokenizer) into `target/` with a `tokenizer.json`.
@@ -30,6 +32,7 @@ def export_tokenizer(tokenizer: Any, target: Path) -> dict[str, Any]:
         }
         if target.exists():
             shutil.rmtree(target)
+        public_dir(staging)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

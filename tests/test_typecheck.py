@@ -55,3 +55,8 @@ def test_type_check_catches_api_misuse(tmp_path: Path):
     bad.write_text(source.replace("config.builder_optimization_level", "config.builder_optimisation_level"))
     done = _mypy(stubs, [str(bad)])
     assert done.returncode != 0 and "builder_optimisation_level" in done.stdout
+
+
+def test_whole_package_type_checks(tmp_path: Path):
+    done = _mypy(_stubs(tmp_path), ["turbo_trt", "builder", "runner", "benchmarks"])
+    assert done.returncode == 0, done.stdout + done.stderr

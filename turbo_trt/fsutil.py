@@ -42,6 +42,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; bundles are ordinary shared files
     try:
         yield tmp
         _fsync(tmp)
@@ -49,6 +50,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_dir(path: Path) -> None:
+    """Give a mkdtemp() folder (0700) the permissions of an ordinary folder."""
+    os.chmod(path, 0o777 & ~_umask())
 
 
 def atomic_write_bytes(final: Path, data: bytes | memoryview) -> None:
