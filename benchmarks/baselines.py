@@ -19,6 +19,7 @@ BASELINES = ("diffusers", "compile")
 
 def _pipeline(manifest: dict[str, Any], on_gpu: bool) -> Any:
     import torch
+
     from turbo_trt.builder import sources
 
     model = manifest["model"]

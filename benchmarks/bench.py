@@ -84,11 +84,10 @@ def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict
     bundle = open_bundle(opts.engines, files="engine" if executor == "tensorrt" else "onnx", verify=True)
     cold["verify_s"] = time.perf_counter() - start
     if executor == "tensorrt":
-        from turbo_trt.runner.bundle import check_engine_compatibility
-        from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
-
         from turbo_trt.flavors import load_flavor
         from turbo_trt.gpu import current_gpu
+        from turbo_trt.runner.bundle import check_engine_compatibility
+        from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
 
         flavor = load_flavor((bundle.manifest.get("engine") or {}).get("flavor"))
         check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), opts.strict_targets)
@@ -186,9 +185,8 @@ def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batc
 
 
 def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
-    from turbo_trt.runner.pipeline import EXECUTORS, _auto_executor
-
     from turbo_trt.gpu import current_gpu
+    from turbo_trt.runner.pipeline import EXECUTORS, _auto_executor
 
     if opts.executor not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}")

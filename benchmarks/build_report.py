@@ -24,7 +24,6 @@ from .environment import environment
 def measure(model: str, random_weights: bool, flavor: str | None, out: Path, height: int, width: int) -> dict[str, Any]:
     from turbo_trt.builder.build import build
     from turbo_trt.builder.options import BuildOptions
-
     from turbo_trt.manifest import read_manifest
 
     start = time.perf_counter()

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from turbo_trt.builder.build import BuildReport, build
 from turbo_trt.builder.options import BuildOptions
-
 from turbo_trt.progress import Progress
 
 #: Tiny presets at 64x64 (latents 8x8) keep each CPU build near a minute.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from turbo_trt.builder import sources
 
+from turbo_trt.builder import sources
 from turbo_trt.errors import BundleError, FlavorError, SourceError
 from turbo_trt.fsutil import BundleLock, sha256_file
 from turbo_trt.manifest import read_manifest

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from turbo_trt.errors import BundleError, FlavorError, InputError
 from turbo_trt.runner import NonFiniteOutputError, TurboPipeline
 from turbo_trt.runner.bundle import check_engine_compatibility, open_bundle
 from turbo_trt.runner.tokenizer import PromptTruncated
-
-from turbo_trt.errors import BundleError, FlavorError, InputError
 
 from .conftest import copy_bundle, write_import_blocker
 
@@ -132,6 +132,7 @@ def test_onnx_only_bundle_has_no_engines_to_run(sd_bundle, tmp_path):
     (dict(prompt="a", num_inference_steps=0), "1..4"),
     (dict(prompt="a", num_inference_steps=5), "1..4"),
     (dict(prompt="a", num_inference_steps=2.0), "integer"),
+    (dict(prompt="a", num_inference_steps=[1]), "integer"),
     (dict(prompt="a", seed=-1), r"\[0, 2\*\*63\)"),
     (dict(prompt="a", seed=2**63), r"\[0, 2\*\*63\)"),
     (dict(prompt="a", seed="7"), "integer"),

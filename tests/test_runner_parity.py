@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from turbo_trt.builder import sources
 from turbo_trt.runner import TurboPipeline
 from turbo_trt.runner.inputs import Noise, check_image

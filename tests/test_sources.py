@@ -27,7 +27,6 @@ from turbo_trt.builder.tiny_tokenizer import (
     tiny_vocab_size,
     write_tiny_clip_tokenizer,
 )
-
 from turbo_trt.errors import SourceError
 
 PROMPTS = [

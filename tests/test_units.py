@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from turbo_trt.builder.build import check_model_shapes, check_shape_options
 from turbo_trt.builder.engine import EngineOptions
 from turbo_trt.builder.options import BuildOptions
 from turbo_trt.builder.specs import TOKENS, dims_from_configs, specs_for
 from turbo_trt.builder.validate import compare, validate_outputs
-
 from turbo_trt.errors import BundleError, FlavorError, UsageError, ValidationError
 from turbo_trt.flavors import load_flavor
 from turbo_trt.fsutil import BundleLock, atomic_path, atomic_write_bytes
