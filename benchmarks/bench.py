@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from turbo_trt.errors import UsageError
 
 from .environment import environment
@@ -161,7 +159,7 @@ def _stages(pipe: Any, opts: BenchOptions) -> dict[str, dict[str, float]]:
     from turbo_trt.runner.inputs import latent_shape, make_noise
 
     plan = pipe.plan(opts.steps, None)
-    ids = {name: np.stack([tok.encode(opts.prompt)] * pipe.batch) for name, tok in pipe.tokenizers.items()}
+    ids = pipe.token_ids([opts.prompt])
     samples: dict[str, list[float]] = {}
     for i in range(max(3, opts.iterations // 2)):
         noise = make_noise(i, latent_shape(pipe.shapes), False, plan.runs if pipe.scheduler["ancestral"] else 0)

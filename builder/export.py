@@ -28,9 +28,6 @@ from .specs import ComponentSpec, Dims, TensorSpec
 #: margin leaves room for the graph itself).
 EXTERNAL_DATA_BYTES = 1 << 30
 
-_TORCH_DTYPES = {"float16": "float16", "float32": "float32", "int32": "int32", "uint8": "uint8"}
-
-
 def example_inputs(spec: ComponentSpec, family: str, dims: Dims, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs in each tensor's declared dtype, with realistic scales.
 

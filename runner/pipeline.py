@@ -110,11 +110,15 @@ class TurboPipeline:
 
         return [Image.fromarray(frame) for frame in images]
 
+    def token_ids(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """encoder -> int32 (batch, 77) ids; a short list is padded with its last prompt."""
+        padded = prompts + [prompts[-1]] * (self.batch - len(prompts))
+        return {name: np.stack([tok.encode(p) for p in padded]) for name, tok in self.tokenizers.items()}
+
     def run_with_noise(self, prompts: list[str], plan: Plan, noise_set: Noise, pixels: np.ndarray | None) -> np.ndarray:
         """The step under `__call__`, with every random array given (also for reproducing another
         implementation's draws). Inputs must already be checked. Returns uint8 (B, H, W, 3)."""
-        padded = prompts + [prompts[-1]] * (self.batch - len(prompts))
-        ids = {name: np.stack([tok.encode(p) for p in padded]) for name, tok in self.tokenizers.items()}
+        ids = self.token_ids(prompts)
         with self._lock:
             images, nonfinite = self.executor.run(ids, plan, noise_set, pixels)
         if nonfinite:

@@ -45,6 +45,11 @@ class Executor(ABC):
     def fork(self) -> Executor:
         """A new executor with its own execution state that shares this one's weights."""
 
+    @staticmethod
+    def prompt_key(ids: dict[str, np.ndarray]) -> bytes:
+        """The prompt cache's key: the token ids of every encoder."""
+        return b"".join(ids[name].tobytes() for name in sorted(ids))
+
     def cache_stats(self) -> dict[str, int]:
         return {"hits": self._lru.hits, "misses": self._lru.misses, "entries": len(self._lru)}
 

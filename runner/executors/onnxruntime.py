@@ -60,7 +60,7 @@ class OnnxRuntimeExecutor(Executor):
                 for encoder, output, unet_input in EMBEDDING_FEEDS[self.bundle.family]}
 
     def _embeddings(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key = b"".join(ids[name].tobytes() for name in sorted(ids))
+        key = self.prompt_key(ids)
         slot = self._lru.lookup(key)
         if slot is not None:
             return self._slots[slot]

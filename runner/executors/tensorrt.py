@@ -264,7 +264,7 @@ class TensorRTExecutor(Executor):
             image: np.ndarray | None) -> tuple[np.ndarray, int]:
         self._fill(ids, noise, image)
         buffers = self._plans[plan.key]
-        key = b"".join(ids[name].tobytes() for name in sorted(ids))
+        key = self.prompt_key(ids)
         slot = self._lru.lookup(key)
         if slot is not None:
             for name, buffer in self.embeddings.items():
