@@ -23,10 +23,12 @@ from turbo_trt.fsutil import (
     sha256_file,
     sha256_json,
 )
+from turbo_trt.io_contract import check_io, manifest_io
 from turbo_trt.manifest import read_manifest_or_none, write_manifest
 from turbo_trt.progress import Progress
 
 from . import sources
+from .engine import ENGINE_RECIPE, capture_flag
 from .options import DEFAULT_ENGINES_ROOT, BuildOptions
 from .schedules import scheduler_tables_from_config
 from .specs import SPEC_VERSION, ComponentSpec, Dims, dims_from_configs, specs_for
@@ -104,7 +106,7 @@ def onnx_fingerprint(spec: ComponentSpec, opts: BuildOptions, parts: dict[str, s
 def engine_fingerprint(entry: dict[str, Any], flavor: Flavor, opts: BuildOptions) -> str:
     return sha256_json({
         "onnx_sha256": entry["onnx_sha256"], "flavor": flavor.name, "version": flavor.version,
-        "options": opts.engine.as_dict(),
+        "options": opts.engine.as_dict(), "recipe": ENGINE_RECIPE,
     })
 
 
@@ -179,6 +181,8 @@ def _build_locked(
     if manifest != old:  # an up-to-date bundle is left untouched, manifest included
         write_manifest(bundle, manifest)
 
+    # The graphs must fit the runner's buffers (turbo_trt.io_contract) before anything is compiled.
+    check_io(manifest_io(components), src.family, manifest["shapes"], opts.img2img, f"{bundle}/manifest.json")
     if flavor is None:
         return
     timing_cache = bundle / "timing.cache" if flavor.uses_timing_cache else None
@@ -192,7 +196,8 @@ def _build_locked(
         progress.info(f"building {flavor.name} engine for {spec.name} ...")
         engine_path = bundle / f"{spec.name}.plan"
         built = build_engine_isolated(flavor, bundle / entry["onnx"], opts.engine, engine_path, progress,
-                                      timing_cache=timing_cache, label=spec.name)
+                                      timing_cache=timing_cache, label=spec.name,
+                                      expected_io=manifest_io({spec.name: entry})[spec.name])
         progress.info(f"  {spec.name}: {built['bytes'] / 2**20:.1f} MiB engine in {built['seconds']:.1f} s")
         entry.update({
             "engine": engine_path.name, "engine_sha256": sha256_file(engine_path),
@@ -244,7 +249,8 @@ def _manifest_head(
     vae = configs["vae"]
     engine_info: dict[str, Any] | None = None
     if flavor is not None:
-        engine_info = {"flavor": flavor.name, "version": flavor.version, **_target_info(flavor, opts)}
+        engine_info = {"flavor": flavor.name, "version": flavor.version, "recipe": ENGINE_RECIPE,
+                       "capture_ready_flag": capture_flag(flavor) is not None, **_target_info(flavor, opts)}
     return {
         "schema_version": 1,
         "turbo_trt_version": __version__,

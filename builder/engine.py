@@ -7,14 +7,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from turbo_trt.errors import EngineBuildError
 from turbo_trt.flavors import Flavor
+from turbo_trt.io_contract import TensorIO
 from turbo_trt.progress import Progress
 
 if TYPE_CHECKING:
     # The flavor's module is chosen at run time; for the type check, the common API is TensorRT's own
     # (typed by `tensorrt-stubs`). tensorrt_rtx has the same classes.
     import tensorrt as trt_api
+
+
+#: Version of the fixed build recipe (strongly typed network, one static profile, graph-capture-ready
+#: allocation). Part of every engine fingerprint: bump it when the recipe changes so engines rebuild.
+ENGINE_RECIPE = 2
+
+
+def capture_flag(flavor: Flavor) -> Any:
+    """The builder flag that makes enqueue never allocate, so CUDA graph capture of it is legal
+    (TensorRT-RTX's REQUIRE_USER_ALLOCATION), or None where the flavor has no such flag (TensorRT,
+    whose static-shape engines capture after one warm-up enqueue)."""
+    return getattr(flavor.trt.BuilderFlag, "REQUIRE_USER_ALLOCATION", None)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,33 @@ class _Logger:
         self.logger = _L()
 
 
+def network_io(flavor: Flavor, network: trt_api.INetworkDefinition) -> dict[str, TensorIO]:
+    """The IO tensors of a parsed network as TensorRT sees them (what the engine will declare)."""
+    trt = flavor.trt
+    out: dict[str, TensorIO] = {}
+    for tensors, count, is_input in ((network.get_input, network.num_inputs, True),
+                                     (network.get_output, network.num_outputs, False)):
+        for index in range(count):
+            tensor: trt_api.ITensor = tensors(index)
+            dims = tensor.shape
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            out[tensor.name] = TensorIO(shape, np.dtype(trt.nptype(tensor.dtype)).name, is_input)
+    return out
+
+
+def parse_onnx(flavor: Flavor, onnx_path: Path, logger: Any) -> tuple[Any, trt_api.INetworkDefinition, Any]:
+    """(builder, strongly typed network, parser) for `onnx_path`; the parser must outlive the network."""
+    trt = flavor.trt
+    builder: trt_api.Builder = trt.Builder(logger.logger)
+    network: trt_api.INetworkDefinition = builder.create_network(flavor.network_flags())
+    parser: trt_api.OnnxParser = trt.OnnxParser(network, logger.logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        details = ("; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
+                   or "; ".join(logger.errors))
+        raise EngineBuildError(f"{flavor.name} could not parse {onnx_path.name}: {details}")
+    return builder, network, parser
+
+
 def build_engine(
     flavor: Flavor,
     onnx_path: Path,
@@ -97,24 +139,32 @@ def build_engine(
     progress: Progress,
     timing_cache: Path | None = None,
     label: str = "engine",
+    expected_io: dict[str, TensorIO] | None = None,
 ) -> tuple[bytes, float]:
     """Parse `onnx_path`, build a serialized engine, return (engine bytes, seconds).
 
     With a timing cache path (tensorrt flavor), the cache is loaded if present and the updated cache
-    written back atomically after the build.
+    written back atomically after the build. With `expected_io` (the manifest's record of the graph's
+    IO), the parsed network must declare exactly those tensors, or the build stops before compiling.
     """
     trt = flavor.trt
     log = _Logger(flavor)
     start = time.perf_counter()
-    builder: trt_api.Builder = trt.Builder(log.logger)
-    network: trt_api.INetworkDefinition = builder.create_network(flavor.network_flags())
-    parser: trt_api.OnnxParser = trt.OnnxParser(network, log.logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        details = "; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors)) or "; ".join(log.errors)
-        raise EngineBuildError(f"{flavor.name} could not parse {onnx_path.name}: {details}")
+    builder, network, _parser = parse_onnx(flavor, onnx_path, log)
+    if expected_io is not None:
+        parsed = network_io(flavor, network)
+        if parsed != expected_io:
+            differ = sorted(n for n in set(parsed) | set(expected_io) if parsed.get(n) != expected_io.get(n))
+            raise EngineBuildError(
+                f"{flavor.name} parses {onnx_path.name} with IO that differs from the manifest in {differ}: "
+                + "; ".join(f"{n}: {parsed[n].describe() if n in parsed else 'absent'} vs "
+                            f"{expected_io[n].describe() if n in expected_io else 'absent'}" for n in differ))
 
     config: trt_api.IBuilderConfig = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
+    flag = capture_flag(flavor)
+    if flag is not None:
+        config.set_flag(flag)
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
     if flavor.ahead_of_time and options.targets:
@@ -152,22 +202,24 @@ def build_engine(
 
 
 def _build_engine_file(flavor_name: str, onnx_path: Path, options: EngineOptions, engine_path: Path,
-                       timing_cache: Path | None, label: str, show_progress: bool) -> dict[str, float]:
+                       timing_cache: Path | None, label: str, show_progress: bool,
+                       expected_io: dict[str, TensorIO] | None) -> dict[str, float]:
     """Child-process entry: build one engine and write it atomically to `engine_path`."""
     from turbo_trt.flavors import load_flavor
     from turbo_trt.fsutil import atomic_write_bytes, peak_rss_mib
 
     plan, seconds = build_engine(load_flavor(flavor_name), onnx_path, options, Progress(enabled=show_progress),
-                                 timing_cache=timing_cache, label=label)
+                                 timing_cache=timing_cache, label=label, expected_io=expected_io)
     atomic_write_bytes(engine_path, plan)
     return {"seconds": seconds, "bytes": float(len(plan)), "peak_rss_mib": peak_rss_mib()}
 
 
 def build_engine_isolated(flavor: Flavor, onnx_path: Path, options: EngineOptions, engine_path: Path,
-                          progress: Progress, timing_cache: Path | None = None, label: str = "engine") -> dict[str, float]:
+                          progress: Progress, timing_cache: Path | None = None, label: str = "engine",
+                          expected_io: dict[str, TensorIO] | None = None) -> dict[str, float]:
     """`build_engine` in a fresh child process (see isolate.py), which writes the engine file itself.
     Returns {"seconds", "bytes", "peak_rss_mib"} (the child's own peak)."""
     from .isolate import run_isolated
 
     return run_isolated(f"building {onnx_path.name}", _build_engine_file, flavor.name, onnx_path, options,
-                        engine_path, timing_cache, label, progress.enabled)
+                        engine_path, timing_cache, label, progress.enabled, expected_io)

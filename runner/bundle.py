@@ -10,11 +10,12 @@ from typing import Any
 
 from turbo_trt.errors import BundleError, FlavorError
 from turbo_trt.fsutil import sha256_file
+from turbo_trt.io_contract import EMBEDDING_FEEDS, ENCODERS, check_io, manifest_io
 from turbo_trt.manifest import read_manifest
 
 REQUIRED = {"sd": ("text_encoder", "unet", "vae_decoder"),
             "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
-ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+__all__ = ["EMBEDDING_FEEDS", "ENCODERS", "Bundle", "check_engine_compatibility", "open_bundle"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ def open_bundle(path: Path | str, files: str = "onnx", verify: bool = True) -> B
                         f"{root}: {rel} does not match the manifest (sha256 {actual[:12]}... != {digest[:12]}...): "
                         "the file is corrupted or was replaced; rebuild with `turbo-trt build`"
                     )
+    check_io(manifest_io(components), family, manifest["shapes"], "vae_encoder" in components,
+             f"{root}/manifest.json")
     return Bundle(root, manifest)
 
 
@@ -124,13 +127,3 @@ def check_engine_compatibility(bundle: Bundle, flavor_name: str, flavor_version:
             raise FlavorError(message)
         warnings.warn(message + " (trying anyway)", RuntimeWarning, stacklevel=3)
 
-
-#: Which encoder output feeds which UNet input, per family (the data both executors wire up).
-EMBEDDING_FEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "sd": (("text_encoder", "prompt_embeds", "prompt_embeds"),),
-    "sdxl": (
-        ("text_encoder", "prompt_embeds", "prompt_embeds"),
-        ("text_encoder_2", "prompt_embeds", "prompt_embeds_2"),
-        ("text_encoder_2", "text_embeds", "text_embeds"),
-    ),
-}

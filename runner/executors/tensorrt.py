@@ -20,6 +20,7 @@ import numpy as np
 
 from turbo_trt.errors import FlavorError
 from turbo_trt.flavors import Flavor, load_flavor
+from turbo_trt.io_contract import TensorIO, check_io
 
 from .. import cuda
 from ..bundle import EMBEDDING_FEEDS, Bundle, check_engine_compatibility
@@ -52,8 +53,8 @@ class EngineSet:
                 raise FlavorError(f"{flavor.name} could not deserialize {bundle.component(name)['engine']}")
             self.engines[name] = engine
 
-    def io(self, name: str) -> dict[str, tuple[tuple[int, ...], np.dtype, bool]]:
-        """tensor name -> (shape, numpy dtype, is_input) as the engine declares it."""
+    def io(self, name: str) -> dict[str, TensorIO]:
+        """tensor name -> shape, dtype and direction as the engine declares it."""
         trt = self.flavor.trt
         engine = self.engines[name]
         out = {}
@@ -61,10 +62,16 @@ class EngineSet:
             tensor = engine.get_tensor_name(index)
             dims = engine.get_tensor_shape(tensor)
             shape = tuple(int(dims[i]) for i in range(len(dims)))
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor)))
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor))).name
             is_input = engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
-            out[tensor] = (shape, dtype, is_input)
+            out[tensor] = TensorIO(shape, dtype, is_input)
         return out
+
+    def check_io(self) -> None:
+        """Every engine's IO matches the buffers the executor binds (see turbo_trt.io_contract)."""
+        b = self.bundle
+        check_io({name: self.io(name) for name in self.engines}, b.family, b.shapes, b.img2img,
+                 f"engines in {b.path}")
 
 
 @dataclass
@@ -98,7 +105,9 @@ class TensorRTExecutor(Executor):
         engine_info = bundle.manifest.get("engine") or {}
         flavor = load_flavor(engine_info.get("flavor"))
         check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), strict_targets)
-        return cls(EngineSet(bundle, flavor), cache_size=cache_size, use_graphs=use_graphs)
+        engines = EngineSet(bundle, flavor)
+        engines.check_io()
+        return cls(engines, cache_size=cache_size, use_graphs=use_graphs)
 
     def __init__(self, engines: EngineSet, cache_size: int = 8, use_graphs: bool = True) -> None:
         super().__init__(engines.bundle, cache_size)
@@ -110,7 +119,7 @@ class TensorRTExecutor(Executor):
             name: engine.create_execution_context() for name, engine in engines.engines.items()
         }
         self._plans: dict[tuple[str, int, int], _PlanBuffers] = {}
-        self._warm = False
+        self._warm: set[str] = set()  # modes (txt2img / img2img) whose contexts have run once
         self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
         self._events: list[Any] = []
         self._allocate()
@@ -126,7 +135,7 @@ class TensorRTExecutor(Executor):
         self.ids = {e: mem.pinned_array((shapes["batch"], shapes["tokens"]), np.int32) for e in b.encoders}
         self.ids_dev = {e: mem.alloc(self.ids[e].array.nbytes) for e in b.encoders}
         unet_io = self.engines.io("unet")
-        self.embeddings = {unet_input: mem.alloc(_nbytes(unet_io[unet_input][0], unet_io[unet_input][1]))
+        self.embeddings = {unet_input: mem.alloc(_nbytes(unet_io[unet_input].shape, unet_io[unet_input].dtype))
                            for _, _, unet_input in EMBEDDING_FEEDS[b.family]}
         self.latents = [mem.alloc(self.lat_bytes), mem.alloc(self.lat_bytes)]
         self.noise = mem.pinned_array(lat_shape, np.float32)
@@ -228,12 +237,13 @@ class TensorRTExecutor(Executor):
     def _graph(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> _Captured | None:
         if with_encoders in buffers.graphs:
             return buffers.graphs[with_encoders]
-        if not self._warm:  # TensorRT wants one enqueue of each context before capture
+        if plan.mode not in self._warm:  # each context runs once, eagerly, before any capture that uses it
             self._sequence(plan, buffers, True)
             cuda.synchronize(self.stream)
-            self._warm = True
+            self._warm.add(plan.mode)
         captured: _Captured | None = None
         try:
+            self._check_capturable(plan)
             cuda.begin_capture(self.stream)
             try:
                 self._sequence(plan, buffers, with_encoders)
@@ -246,6 +256,15 @@ class TensorRTExecutor(Executor):
                           stacklevel=4)
         buffers.graphs[with_encoders] = captured
         return captured
+
+    def _check_capturable(self, plan: Plan) -> None:
+        """TensorRT-RTX says up front whether a context can be stream-captured (TensorRT has no such query)."""
+        names = [*self.bundle.encoders, "unet", "vae_decoder"] + (["vae_encoder"] if plan.mode == "img2img" else [])
+        for name in names:
+            query = getattr(self.contexts[name], "is_stream_capturable", None)
+            if query is not None and not query(int(self.stream)):
+                raise RuntimeError(f"{name}'s execution context is not stream-capturable "
+                                   "(engine built without REQUIRE_USER_ALLOCATION? rebuild with `turbo-trt build`)")
 
     def _fill(self, ids: dict[str, np.ndarray], noise: Noise, image: np.ndarray | None) -> None:
         """Copy one call's inputs into the pinned host buffers the graphs read."""
