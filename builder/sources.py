@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 import warnings
@@ -246,9 +247,29 @@ def part_configs(src: ResolvedSource) -> dict[str, dict[str, Any]]:
     return {**out, "scheduler": scheduler}
 
 
+class _DropTorchvisionNotices(logging.Filter):
+    """transformers announces at import that its image processors fall back without torchvision; the build
+    stage uses no image processor, so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def import_diffusers_quietly() -> None:
+    """Import diffusers with transformers' torchvision notices dropped (its other messages are kept)."""
+    import transformers.utils.logging  # noqa: F401  (creates the "transformers" logger's handler)
+
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _DropTorchvisionNotices) for f in handler.filters):
+            handler.addFilter(_DropTorchvisionNotices())
+    import diffusers  # noqa: F401
+
+
 def load_pipeline(src: ResolvedSource, torch_dtype: Any = None) -> Any:
     """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (float32 unless ``torch_dtype``)."""
     import torch
+
+    import_diffusers_quietly()
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = torch_dtype or torch.float32

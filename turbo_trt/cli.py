@@ -12,6 +12,18 @@ from .errors import TurboTrtError
 ALIASES_HELP = "sd-turbo, sdxl-turbo (hub aliases), tiny-sd-turbo, tiny-sdxl-turbo (built-in, offline)"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where it informs: not for flags, None, or help that already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or isinstance(default, bool)
+                or default is argparse.SUPPRESS or action.option_strings == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _defaults(cls: type) -> dict[str, object]:
     """Field defaults of an options dataclass: the one source of the CLI's defaults."""
     import dataclasses
@@ -33,7 +45,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "it against PyTorch FP32 with ONNX Runtime, compile a TensorRT engine per subnetwork and write "
             "engines/<slug>/manifest.json. A second run with nothing changed rebuilds nothing."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", required=True,
                    help=f"{ALIASES_HELP}, a hub id (owner/name) or a local diffusers pipeline directory")
@@ -98,7 +110,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="generate an image from a built bundle",
         description="Run a bundle: text-to-image, or image-to-image with --image. Uses the TensorRT engines "
                     "on a GPU (CUDA graphs) or the ONNX graphs on the CPU with ONNX Runtime.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--engines", type=Path, required=True, help="bundle directory written by `turbo-trt build`")
     p.add_argument("--prompt", action="append", required=True,
@@ -168,7 +180,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Warm up, then time end-to-end images (CUDA graphs on a GPU, ONNX Runtime on the CPU), "
                     "per-stage times, cold start, throughput, memory and FLOP efficiency; diffusers eager "
                     "(and torch.compile with --compile) on the same model and settings for the speedup.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--engines", type=Path, help="bundle directory")
