@@ -168,6 +168,45 @@ def _stages(pipe: Any, opts: BenchOptions) -> dict[str, dict[str, float]]:
     return {label: summarize(values) for label, values in samples.items()}
 
 
+def _device_free() -> int:
+    from turbo_trt.runner import cuda
+
+    return cuda.memory_info()[0]
+
+
+def _checks(pipe: Any, opts: BenchOptions, free_before_timing: int | None) -> dict[str, Any]:
+    """Correctness of the fast path, measured in the same run as its speed (GPU only): whether CUDA graphs
+    were captured, whether graph replay equals plain enqueue bit for bit on identical inputs (txt2img at
+    the benched steps, and img2img when the bundle has it), and how much device memory the timed images
+    allocated (the design says none)."""
+    if free_before_timing is None:
+        return {"kind": "CPU run: ONNX Runtime executor, no CUDA graphs to check"}
+    import numpy as np
+
+    from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
+    from turbo_trt.runner.pipeline import TurboPipeline
+
+    allocated = free_before_timing - _device_free()
+    graphs = [g for b in pipe.executor._plans.values() for g in b.graphs.values()]
+    eager = TurboPipeline(pipe.bundle, TensorRTExecutor(pipe.executor.engines, cache_size=1, use_graphs=False))
+    cases: list[tuple[str, dict[str, Any]]] = [("txt2img", {})]
+    if pipe.bundle.img2img and opts.steps >= 2:
+        image = np.random.default_rng(0).integers(0, 256, (pipe.shapes["height"], pipe.shapes["width"], 3),
+                                                  dtype=np.uint8)
+        cases.append(("img2img", {"image": image, "strength": 0.5}))
+    compared = {}
+    try:
+        for name, extra in cases:
+            kwargs = dict(num_inference_steps=opts.steps, seed=1234, output_type="np", **extra)
+            graphed, plain = pipe(opts.prompt, **kwargs), eager(opts.prompt, **kwargs)
+            compared[name] = {"bit_equal": bool(np.array_equal(graphed, plain)),
+                              "max_abs_diff": int(np.abs(graphed.astype(int) - plain.astype(int)).max())}
+    finally:
+        eager.close()
+    return {"graphs_captured": sum(g is not None for g in graphs), "graph_capture_failed": sum(g is None for g in graphs),
+            "graph_vs_plain_enqueue": compared, "device_bytes_allocated_during_timed_images": allocated}
+
+
 def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batch: int,
                 peak: float | None) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
@@ -197,12 +236,15 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
     pipe, cold = _load(opts, executor, memory)
     for i in range(opts.warmup):
         pipe(opts.prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
+    free_before_timing = _device_free() if gpu is not None else None
     log(f"timing {opts.iterations} images (prompt cache off) ...")
     with pipe.executor.prompt_cache_disabled():
         uncached = _timed(pipe, opts, [f"{opts.prompt} #{i}" for i in range(opts.iterations)])
     log(f"timing {opts.iterations} images with a repeated prompt (cache on) ...")
     cached = _timed(pipe, opts, [opts.prompt] * opts.iterations)
     memory.mark("peak_after_runs")
+    log("checks (graph replay vs plain enqueue, allocation) ...")
+    checks = _checks(pipe, opts, free_before_timing)
     log("per-stage pass ...")
     stages = _stages(pipe, opts)
     log(f"throughput with 1..{opts.parallel} runners ...")
@@ -231,6 +273,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
         "flops": {"per_image_gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
                   "peak_tflops": peak, "peak_source": peak_source,
                   "stages": _efficiency(stages, flops, pipe.batch, peak)},
+        "checks": checks,
         "baselines": [],
     }
     for name in opts.baselines:

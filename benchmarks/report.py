@@ -40,6 +40,17 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def check_lines(checks: dict[str, Any]) -> list[str]:
+    if "kind" in checks:
+        return [f"- {checks['kind']}"]
+    lines = [f"- CUDA graphs captured: {checks['graphs_captured']} (capture failed: {checks['graph_capture_failed']})",
+             f"- device bytes allocated during the timed images: {checks['device_bytes_allocated_during_timed_images']}"]
+    for mode, c in checks["graph_vs_plain_enqueue"].items():
+        lines.append(f"- {mode}: graph replay {'equals' if c['bit_equal'] else 'DIFFERS from'} plain enqueue "
+                     f"(max abs diff {c['max_abs_diff']})")
+    return lines
+
+
 def terminal(result: dict[str, Any]) -> str:
     lines = _header(result) + [""]
     head = ("latency (ms)", "mean", "p50", "p90", "p99", "max", "stdev")
@@ -64,6 +75,7 @@ def terminal(result: dict[str, Any]) -> str:
     lines.append("cold start: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in cold.items()))
     lines.append("throughput: " + ", ".join(f"{t['runners']} runner(s) {t['images_per_s']} img/s"
                                             for t in result["throughput"]))
+    lines += [line[2:] for line in check_lines(result.get("checks", {}))]
     return "\n".join(lines)
 
 
@@ -93,6 +105,7 @@ def markdown(result: dict[str, Any]) -> str:
     mem = result["memory_mib"]
     out += ["", f"## Memory (MiB, {mem['kind']})", ""]
     out += [f"- {k}: {v}" for k, v in mem.items() if k != "kind"]
+    out += ["", "## Checks", ""] + check_lines(result.get("checks", {}))
     return "\n".join(out) + "\n"
 
 

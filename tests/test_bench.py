@@ -91,9 +91,24 @@ def test_bench_report_on_tiny_bundle(sd_bundle, tmp_path):
     text = report.read_text()
     assert "| end-to-end (text encoder every call) |" in text and "diffusers eager" in text
     assert "## Stages" in text and "unet[1]" in text
+    assert result["checks"] == {"kind": "CPU run: ONNX Runtime executor, no CUDA graphs to check"}
+    assert "## Checks" in text and "no CUDA graphs to check" in text
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 400
     assert "speedup vs diffusers eager" in done.stdout
+
+
+def test_check_lines_say_when_graph_replay_differs():
+    from turbo_trt.benchmarks.report import check_lines
+
+    lines = check_lines({"graphs_captured": 2, "graph_capture_failed": 0,
+                         "device_bytes_allocated_during_timed_images": 0,
+                         "graph_vs_plain_enqueue": {"txt2img": {"bit_equal": True, "max_abs_diff": 0},
+                                                    "img2img": {"bit_equal": False, "max_abs_diff": 3}}})
+    assert lines == ["- CUDA graphs captured: 2 (capture failed: 0)",
+                     "- device bytes allocated during the timed images: 0",
+                     "- txt2img: graph replay equals plain enqueue (max abs diff 0)",
+                     "- img2img: graph replay DIFFERS from plain enqueue (max abs diff 3)"]
 
 
 def test_bench_rejects_bad_settings(sd_bundle):
