@@ -92,6 +92,7 @@ def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict
         t = time.perf_counter()
         engines = EngineSet(bundle, flavor)
         cold["deserialize_s"] = time.perf_counter() - t
+        engines.check_io()
         memory.mark("weights")
         t = time.perf_counter()
         runner: Any = TensorRTExecutor(engines, cache_size=8)
@@ -131,28 +132,43 @@ def _throughput(pipe: Any, opts: BenchOptions) -> list[dict[str, float]]:
     results = []
     per_runner = max(2, opts.iterations // 2)
     for runners in range(1, opts.parallel + 1):
-        pipes = [pipe] + [pipe.fork() for _ in range(runners - 1)]
-        for p in pipes:  # warm each fork (graph capture happens on its first call)
-            p(opts.prompt, num_inference_steps=opts.steps, seed=0, output_type="np")
-        barrier = threading.Barrier(runners + 1)
+        forks = [pipe.fork() for _ in range(runners - 1)]
+        try:
+            results.append(_throughput_with(pipe, forks, opts, per_runner))
+        finally:
+            for fork in forks:
+                fork.close()
+    return results
 
-        def work(p: Any, index: int, barrier: threading.Barrier) -> None:
-            barrier.wait()
+
+def _throughput_with(pipe: Any, forks: list[Any], opts: BenchOptions, per_runner: int) -> dict[str, float]:
+    """Images/s of `pipe` and its forks, each in its own thread; a worker's exception fails the bench."""
+    pipes = [pipe, *forks]
+    for p in pipes:  # warm each fork (graph capture happens on its first call)
+        p(opts.prompt, num_inference_steps=opts.steps, seed=0, output_type="np")
+    barrier = threading.Barrier(len(pipes) + 1)
+    errors: list[BaseException] = []
+
+    def work(p: Any, index: int) -> None:
+        barrier.wait()
+        try:
             for i in range(per_runner):
                 p(f"{opts.prompt} {index} {i}", num_inference_steps=opts.steps, seed=i, output_type="np")
+        except BaseException as exc:  # reported after join
+            errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(p, n, barrier)) for n, p in enumerate(pipes)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        images = runners * per_runner * pipe.batch
-        results.append({"runners": runners, "images": images, "seconds": round(wall, 4),
-                        "images_per_s": round(images / wall, 3)})
-    return results
+    threads = [threading.Thread(target=work, args=(p, n)) for n, p in enumerate(pipes)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"a throughput runner failed: {errors[0]}") from errors[0]
+    images = len(pipes) * per_runner * pipe.batch
+    return {"runners": len(pipes), "images": images, "seconds": round(wall, 4), "images_per_s": round(images / wall, 3)}
 
 
 def _stages(pipe: Any, opts: BenchOptions) -> dict[str, dict[str, float]]:

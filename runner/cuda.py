@@ -64,6 +64,7 @@ class Memory:
         ptr = int(check(rt.cudaMallocHost(max(nbytes, 1))))
         raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
         array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+        array[...] = 0  # cudaMallocHost does not clear; nothing should ever upload garbage
         pinned = PinnedArray(ptr, array)
         self.pinned.append(pinned)
         return pinned
@@ -119,7 +120,11 @@ def end_capture(stream: Any) -> Any:
     """End capture and instantiate; returns (graph, graph_exec)."""
     rt = _rt()
     graph = check(rt.cudaStreamEndCapture(stream))
-    graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
+    try:
+        graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
+    except RuntimeError:
+        rt.cudaGraphDestroy(graph)
+        raise
     return graph, graph_exec
 
 
@@ -139,6 +144,14 @@ def destroy_graph(graph: Any, graph_exec: Any) -> None:
     rt = _rt()
     rt.cudaGraphExecDestroy(graph_exec)
     rt.cudaGraphDestroy(graph)
+
+
+def destroy_stream(stream: Any) -> None:
+    _rt().cudaStreamDestroy(stream)
+
+
+def destroy_event(event: Any) -> None:
+    _rt().cudaEventDestroy(event)
 
 
 def memory_info() -> tuple[int, int]:

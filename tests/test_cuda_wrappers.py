@@ -50,6 +50,8 @@ def test_each_wrapper_reaches_the_driver(name):
 def test_cleanup_wrappers_never_raise():
     cuda.abort_capture(STREAM)
     cuda.destroy_graph(runtime.cudaGraph_t(), runtime.cudaGraphExec_t())
+    cuda.destroy_stream(STREAM)
+    cuda.destroy_event(EVENT)
     memory = cuda.Memory()
     memory.free_all()
     assert memory.device == [] and memory.pinned == [] and memory.device_bytes == 0

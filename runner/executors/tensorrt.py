@@ -80,14 +80,31 @@ class _Captured:
     graph_exec: Any
 
 
+#: Byte alignment TensorRT asks of every tensor address (IExecutionContext.set_tensor_address); each plan
+#: constant gets a slot of its own this size, so every bound address is aligned.
+ALIGN = 256
+
+
 @dataclass
 class _PlanBuffers:
-    """Device addresses of one plan's constants, and its captured graphs (with / without encoders)."""
+    """Device addresses of one plan's constants and its captured graphs (with / without encoders).
 
-    timesteps: int
-    coeffs: int
-    noise_sigma: int
+    Layout from `base`, one ALIGN-byte slot each: timestep of step 0, its 4 coefficients, timestep of step
+    1, ..., then the noise sigma after the last possible step."""
+
+    base: int
+    max_steps: int
     graphs: dict[bool, _Captured | None] = field(default_factory=dict)
+
+    def timestep(self, k: int) -> int:
+        return self.base + ALIGN * 2 * k
+
+    def coeffs(self, k: int) -> int:
+        return self.base + ALIGN * (2 * k + 1)
+
+    @property
+    def noise_sigma(self) -> int:
+        return self.base + ALIGN * 2 * self.max_steps
 
 
 def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
@@ -161,28 +178,34 @@ class TensorRTExecutor(Executor):
     def _upload_plans(self) -> None:
         """Timesteps, coefficients and noise sigma of every plan, in one device buffer uploaded once."""
         plans = all_plans(self.bundle.manifest["scheduler"])
-        per_plan = 5 * self.max_steps + 1  # timesteps, 4 coefficients per step, noise sigma
-        staging = self.memory.pinned_array((len(plans), per_plan), np.float32)
+        slots = 2 * self.max_steps + 1
+        staging = self.memory.pinned_array((len(plans), slots, ALIGN // 4), np.float32)
         device = self.memory.alloc(staging.array.nbytes)
         for row, plan in enumerate(plans):
-            k = plan.runs
-            staging.array[row, :k] = plan.timesteps
-            staging.array[row, self.max_steps:self.max_steps + 4 * k] = plan.coeffs.ravel()
-            staging.array[row, -1] = plan.noise_sigma
-            base = device.ptr + row * per_plan * 4
-            self._plans[plan.key] = _PlanBuffers(
-                timesteps=base, coeffs=base + 4 * self.max_steps, noise_sigma=base + 4 * (per_plan - 1))
+            for k in range(plan.runs):
+                staging.array[row, 2 * k, 0] = plan.timesteps[k]
+                staging.array[row, 2 * k + 1, :4] = plan.coeffs[k]
+            staging.array[row, 2 * self.max_steps, 0] = plan.noise_sigma
+            self._plans[plan.key] = _PlanBuffers(base=device.ptr + row * slots * ALIGN, max_steps=self.max_steps)
         cuda.h2d(device.ptr, staging.ptr, staging.array.nbytes, self.stream)
         cuda.synchronize(self.stream)
 
     # -- the sequence (enqueued eagerly or captured) ---------------------------------------------------------
-    def _enqueue(self, name: str, label: str | None = None) -> None:
-        if not self.contexts[name].execute_async_v3(int(self.stream)):
-            raise RuntimeError(f"TensorRT failed to enqueue {name}")
+    def _bind(self, name: str, tensor: str, address: int) -> None:
+        if address % ALIGN or not self.contexts[name].set_tensor_address(tensor, address):
+            raise RuntimeError(f"TensorRT refused address {address:#x} for {name}.{tensor}")
+
+    def _mark(self, label: str) -> None:
+        """During run_profiled: an event after the work enqueued so far, closing stage `label`."""
         if self._marks is not None:
             event = self._events[len(self._marks)]
             cuda.record(event, self.stream)
-            self._marks.append((label or name, event))
+            self._marks.append((label, event))
+
+    def _enqueue(self, name: str, label: str | None = None) -> None:
+        if not self.contexts[name].execute_async_v3(int(self.stream)):
+            raise RuntimeError(f"TensorRT failed to enqueue {name}")
+        self._mark(label or name)
 
     def _sequence(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> None:
         s = self.stream
@@ -199,40 +222,37 @@ class TensorRTExecutor(Executor):
             cuda.h2d(self.latents[0].ptr, self.noise.ptr, self.lat_bytes, s)
         if ancestral:
             cuda.h2d(self.step_noise_dev.ptr, self.step_noise.ptr, self.lat_bytes * plan.runs, s)
+        self._mark("upload")
+        bind = self._bind
         if with_encoders:
             for encoder in b.encoders:
-                ctx = self.contexts[encoder]
-                ctx.set_tensor_address("input_ids", self.ids_dev[encoder].ptr)
+                bind(encoder, "input_ids", self.ids_dev[encoder].ptr)
                 for enc, output, unet_input in EMBEDDING_FEEDS[b.family]:
                     if enc == encoder:
-                        ctx.set_tensor_address(output, self.embeddings[unet_input].ptr)
+                        bind(encoder, output, self.embeddings[unet_input].ptr)
                 self._enqueue(encoder)
         if plan.mode == "img2img":
-            ctx = self.contexts["vae_encoder"]
-            ctx.set_tensor_address("image", self.init_image_dev.ptr)
-            ctx.set_tensor_address("sample_noise", self.sample_noise_dev.ptr)
-            ctx.set_tensor_address("latent_noise", self.latent_noise_dev.ptr)
-            ctx.set_tensor_address("noise_sigma", buffers.noise_sigma)
-            ctx.set_tensor_address("latents", self.latents[0].ptr)
+            for tensor, address in (("image", self.init_image_dev.ptr), ("sample_noise", self.sample_noise_dev.ptr),
+                                    ("latent_noise", self.latent_noise_dev.ptr), ("noise_sigma", buffers.noise_sigma),
+                                    ("latents", self.latents[0].ptr)):
+                bind("vae_encoder", tensor, address)
             self._enqueue("vae_encoder")
-        unet = self.contexts["unet"]
         for name, buffer in self.embeddings.items():
-            unet.set_tensor_address(name, buffer.ptr)
+            bind("unet", name, buffer.ptr)
         for k in range(plan.runs):
-            unet.set_tensor_address("latents", self.latents[k % 2].ptr)
-            unet.set_tensor_address("next_latents", self.latents[(k + 1) % 2].ptr)
-            unet.set_tensor_address("timestep", buffers.timesteps + 4 * k)
-            unet.set_tensor_address("step_coeffs", buffers.coeffs + 16 * k)
-            unet.set_tensor_address("step_noise",
-                                    self.step_noise_dev.ptr + k * self.lat_bytes if ancestral else self.zeros.ptr)
+            bind("unet", "latents", self.latents[k % 2].ptr)
+            bind("unet", "next_latents", self.latents[(k + 1) % 2].ptr)
+            bind("unet", "timestep", buffers.timestep(k))
+            bind("unet", "step_coeffs", buffers.coeffs(k))
+            bind("unet", "step_noise", self.step_noise_dev.ptr + k * self.lat_bytes if ancestral else self.zeros.ptr)
             self._enqueue("unet", f"unet[{k}]")
-        decoder = self.contexts["vae_decoder"]
-        decoder.set_tensor_address("latents", self.latents[plan.runs % 2].ptr)
-        decoder.set_tensor_address("image", self.image_dev.ptr)
-        decoder.set_tensor_address("nonfinite", self.nonfinite_dev.ptr)
+        bind("vae_decoder", "latents", self.latents[plan.runs % 2].ptr)
+        bind("vae_decoder", "image", self.image_dev.ptr)
+        bind("vae_decoder", "nonfinite", self.nonfinite_dev.ptr)
         self._enqueue("vae_decoder")
         cuda.d2h(self.image.ptr, self.image_dev.ptr, self.image.array.nbytes, s)
         cuda.d2h(self.nonfinite.ptr, self.nonfinite_dev.ptr, 4, s)
+        self._mark("download")
 
     def _graph(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> _Captured | None:
         if with_encoders in buffers.graphs:
@@ -276,6 +296,8 @@ class TensorRTExecutor(Executor):
         if noise.steps:
             for k, step in enumerate(noise.steps):
                 self.step_noise.array[k] = step
+        elif self.bundle.manifest["scheduler"]["ancestral"]:  # no step noise given: zeros, as ONNX Runtime does
+            self.step_noise.array[...] = 0
         if image is not None:
             self.init_image.array[...] = image
 
@@ -306,7 +328,8 @@ class TensorRTExecutor(Executor):
                      image: np.ndarray | None) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
         if not self._events:  # created once, on the first profiled call
-            self._events = [cuda.new_event() for _ in range(len(self.contexts) + self.max_steps + 1)]
+            # one per stage mark (upload, each context, each UNet step, download) + the start
+            self._events = [cuda.new_event() for _ in range(len(self.contexts) + self.max_steps + 3)]
         self._fill(ids, noise, image)
         self._marks = []
         try:
@@ -334,9 +357,19 @@ class TensorRTExecutor(Executor):
 
 
     def close(self) -> None:
+        """Free everything this executor owns (not the shared engines); it cannot run afterwards."""
+        if self.stream is None:
+            return
+        cuda.synchronize(self.stream)
         for buffers in self._plans.values():
             for captured in buffers.graphs.values():
                 if captured is not None:
                     cuda.destroy_graph(captured.graph, captured.graph_exec)
+            buffers.graphs.clear()
         self.contexts.clear()
         self.memory.free_all()
+        for event in self._events:
+            cuda.destroy_event(event)
+        self._events = []
+        cuda.destroy_stream(self.stream)
+        self.stream = None
