@@ -192,7 +192,9 @@ class TensorRTExecutor(Executor):
 
     # -- the sequence (enqueued eagerly or captured) ---------------------------------------------------------
     def _bind(self, name: str, tensor: str, address: int) -> None:
-        if address % ALIGN or not self.contexts[name].set_tensor_address(tensor, address):
+        if address % ALIGN:
+            raise RuntimeError(f"address {address:#x} for {name}.{tensor} is not {ALIGN}-byte aligned")
+        if not self.contexts[name].set_tensor_address(tensor, address):
             raise RuntimeError(f"TensorRT refused address {address:#x} for {name}.{tensor}")
 
     def _mark(self, label: str) -> None:
