@@ -203,7 +203,7 @@ def _checks(pipe: Any, opts: BenchOptions, free_before_timing: int | None) -> di
     from turbo_trt.runner.pipeline import TurboPipeline
 
     allocated = free_before_timing - _device_free()
-    graphs = [g for b in pipe.executor._plans.values() for g in b.graphs.values()]
+    captured, failed = pipe.executor.graph_counts()
     eager = TurboPipeline(pipe.bundle, TensorRTExecutor(pipe.executor.engines, cache_size=1, use_graphs=False))
     cases: list[tuple[str, dict[str, Any]]] = [("txt2img", {})]
     if pipe.bundle.img2img and opts.steps >= 2:
@@ -219,7 +219,7 @@ def _checks(pipe: Any, opts: BenchOptions, free_before_timing: int | None) -> di
                               "max_abs_diff": int(np.abs(graphed.astype(int) - plain.astype(int)).max())}
     finally:
         eager.close()
-    return {"graphs_captured": sum(g is not None for g in graphs), "graph_capture_failed": sum(g is None for g in graphs),
+    return {"graphs_captured": captured, "graph_capture_failed": failed,
             "graph_vs_plain_enqueue": compared, "device_bytes_allocated_during_timed_images": allocated}
 
 

@@ -348,6 +348,11 @@ class TensorRTExecutor(Executor):
             previous = event
         return timings
 
+    def graph_counts(self) -> tuple[int, int]:
+        """(graphs captured, captures that failed and fell back to plain enqueue) so far."""
+        graphs = [g for buffers in self._plans.values() for g in buffers.graphs.values()]
+        return sum(g is not None for g in graphs), sum(g is None for g in graphs)
+
     def prepare(self, plan: Plan) -> None:
         """Capture `plan`'s graphs now (both variants) rather than on its first call."""
         if self.use_graphs:
