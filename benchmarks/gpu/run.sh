@@ -40,17 +40,17 @@ case $phase in
     ;;
   sd)
     python3 -m turbo_trt.benchmarks.build_report --model sd-turbo --random-weights --flavor tensorrt-rtx \
-      --out engines/sd-turbo-random --results "$OUT" --name build-sd 2>&1 | tail -5
-    full sd-turbo-random bench-sd-1step 1
-    bench sd-turbo-random bench-sd-4step 4 --no-baseline
+      --out engines/sd-turbo-random --results "$OUT" --name build-sd 2>&1 | tail -5 &&
+      full sd-turbo-random bench-sd-1step 1 &&
+      bench sd-turbo-random bench-sd-4step 4 --no-baseline
     ;;
   sd-compile)
     full sd-turbo-random bench-sd-1step-compile 1 --compile
     ;;
   sdxl)
     python3 -m turbo_trt.benchmarks.build_report --model sdxl-turbo --random-weights --flavor tensorrt-rtx \
-      --out engines/sdxl-turbo-random --results "$OUT" --name build-sdxl 2>&1 | tail -5
-    full sdxl-turbo-random bench-sdxl-1step 1
+      --out engines/sdxl-turbo-random --results "$OUT" --name build-sdxl 2>&1 | tail -5 &&
+      full sdxl-turbo-random bench-sdxl-1step 1
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac || status=1
