@@ -51,14 +51,19 @@ def test_tensorrt_code_path_type_checks(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _mypy_on_misspelt_engine_py(stubs: Path, tmp_path: Path, right: str, wrong: str) -> subprocess.CompletedProcess[str]:
+    """mypy on a copy of builder/engine.py with one TensorRT API use misspelt."""
+    source = (ROOT / "builder" / "engine.py").read_text()
+    assert right in source
+    bad = tmp_path / "engine_bad.py"
+    bad.write_text(source.replace(right, wrong))
+    return _mypy(stubs, [str(bad)])
+
+
 def test_type_check_catches_api_misuse(tmp_path: Path):
     """The check has teeth: a misspelt TensorRT attribute in a copy of engine.py is reported."""
-    stubs = _stubs(tmp_path)
-    bad = tmp_path / "engine_bad.py"
-    source = (ROOT / "builder" / "engine.py").read_text()
-    assert "config.builder_optimization_level" in source
-    bad.write_text(source.replace("config.builder_optimization_level", "config.builder_optimisation_level"))
-    done = _mypy(stubs, [str(bad)])
+    done = _mypy_on_misspelt_engine_py(_stubs(tmp_path), tmp_path, "config.builder_optimization_level",
+                                       "config.builder_optimisation_level")
     assert done.returncode != 0 and "builder_optimisation_level" in done.stdout
 
 
@@ -86,11 +91,7 @@ def test_tensorrt_rtx_api_type_checks(tmp_path: Path):
     assert "def is_stream_capturable" in (stubs / "tensorrt" / "__init__.pyi").read_text()
     done = _mypy(stubs, CHECKED)
     assert done.returncode == 0, done.stdout + done.stderr
-    bad = tmp_path / "engine_bad.py"
-    source = (ROOT / "builder" / "engine.py").read_text()
-    assert "parser.parse_from_file(" in source
-    bad.write_text(source.replace("parser.parse_from_file(", "parser.parse_file("))
-    done = _mypy(stubs, [str(bad)])
+    done = _mypy_on_misspelt_engine_py(stubs, tmp_path, "parser.parse_from_file(", "parser.parse_file(")
     assert done.returncode != 0 and '"OnnxParser" has no attribute "parse_file"' in done.stdout
 
 

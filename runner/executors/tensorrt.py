@@ -149,6 +149,7 @@ class TensorRTExecutor(Executor):
         lat_shape = (shapes["batch"], shapes["latent_channels"], shapes["latent_height"], shapes["latent_width"])
         self.lat_bytes = _nbytes(lat_shape, np.float32)
         self.max_steps = int(b.manifest["scheduler"]["max_steps"])
+        self.ancestral = bool(b.manifest["scheduler"]["ancestral"])
         self.ids = {e: mem.pinned_array((shapes["batch"], shapes["tokens"]), np.int32) for e in b.encoders}
         self.ids_dev = {e: mem.alloc(self.ids[e].array.nbytes) for e in b.encoders}
         unet_io = self.engines.io("unet")
@@ -212,7 +213,7 @@ class TensorRTExecutor(Executor):
     def _sequence(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> None:
         s = self.stream
         b = self.bundle
-        ancestral = bool(b.manifest["scheduler"]["ancestral"])
+        ancestral = self.ancestral
         if with_encoders:
             for encoder in b.encoders:
                 cuda.h2d(self.ids_dev[encoder].ptr, self.ids[encoder].ptr, self.ids[encoder].array.nbytes, s)
@@ -298,7 +299,7 @@ class TensorRTExecutor(Executor):
         if noise.steps:
             for k, step in enumerate(noise.steps):
                 self.step_noise.array[k] = step
-        elif self.bundle.manifest["scheduler"]["ancestral"]:  # no step noise given: zeros, as ONNX Runtime does
+        elif self.ancestral:  # no step noise given: zeros, as ONNX Runtime does
             self.step_noise.array[...] = 0
         if image is not None:
             self.init_image.array[...] = image
