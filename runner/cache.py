@@ -35,11 +35,32 @@ class SlotLRU:
             self._slots.move_to_end(key)
             return self._slots[key]
         if len(self._slots) < self.capacity:
-            slot = len(self._slots)
+            slot = self._free_slot()
         else:
             _, slot = self._slots.popitem(last=False)
         self._slots[key] = slot
         return slot
+
+    def next_slot(self, key: bytes) -> int | None:
+        """The slot `assign(key)` would return, without assigning it (so a failed run can leave the cache
+        as it was: fill the slot, and only `assign` once the fill has succeeded)."""
+        if self.capacity == 0:
+            return None
+        if key in self._slots:
+            return self._slots[key]
+        if len(self._slots) < self.capacity:
+            return self._free_slot()
+        return next(iter(self._slots.values()))
+
+    def evict_slot(self, slot: int) -> None:
+        """Forget whichever prompt slot `slot` holds (its contents can no longer be trusted)."""
+        for key, held in list(self._slots.items()):
+            if held == slot:
+                del self._slots[key]
+
+    def _free_slot(self) -> int:
+        used = set(self._slots.values())
+        return next(i for i in range(self.capacity) if i not in used)
 
     def clear(self) -> None:
         self._slots.clear()

@@ -63,7 +63,7 @@ class Memory:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         ptr = int(check(rt.cudaMallocHost(max(nbytes, 1))))
         raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
-        array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+        array = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
         array[...] = 0  # cudaMallocHost does not clear; nothing should ever upload garbage
         pinned = PinnedArray(ptr, array)
         self.pinned.append(pinned)

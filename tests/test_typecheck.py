@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ["builder/engine.py", "turbo_trt/flavors.py", "runner/executors/tensorrt.py", "runner/cuda.py"]
+CHECKED = ["builder/engine.py", "turbo_trt/flavors.py", "runner/executors/tensorrt.py", "runner/executors/tensorrt_engines.py",
+           "runner/executors/tensorrt_layout.py", "runner/cuda.py"]
 
 
 def _stubs(tmp_path: Path) -> Path:

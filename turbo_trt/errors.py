@@ -39,3 +39,12 @@ class BundleError(TurboTrtError):
 
 class InputError(TurboTrtError):
     """Bad input to the runner (prompt, image, steps, strength, seed, noise)."""
+
+
+class ExecutionError(TurboTrtError):
+    """A GPU stage failed while generating (enqueue, graph launch, copy or sync); `stage` names it. The
+    executor has synchronized and stays usable unless the message says otherwise."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage

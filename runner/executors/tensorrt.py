@@ -1,77 +1,51 @@
-"""TensorRT executor: every buffer allocated at load, one CUDA graph per (mode, steps, start).
+"""TensorRT executor: every buffer allocated and every tensor address bound at load; one CUDA graph per
+(plan, with or without text encoders).
 
-Per image: fill pinned host buffers, one graph launch (which copies inputs up, runs text encoder(s) ->
-[VAE encoder] -> UNet steps -> VAE decoder, and copies the image and the non-finite count back), one
-sync. No device allocation happens per image. A repeated prompt (token ids) skips the text encoders: its
-embeddings are kept in preallocated device slots and copied into place before launching the graph variant
-without encoders. If graph capture fails, the same sequence runs as plain enqueues (with a warning).
+Per image: fill pinned host buffers, one graph launch (which copies the plan's constants and the inputs
+up, runs text encoder(s) -> [VAE encoder] -> UNet steps -> VAE decoder, and copies the image and the
+non-finite count back), one sync. No device allocation happens per image. A repeated prompt skips the
+text encoders: its embeddings are kept in preallocated device slots and copied into place before the
+graph variant without encoders is launched. Buffers, bindings and the per-image program are laid out in
+`tensorrt_layout.py`.
 
-Engines (weights) live in an EngineSet that several executors share; each executor has its own
-execution contexts, buffers, stream and graphs (`fork()`).
+Device memory follows the TensorRT documentation: contexts are created with user-managed memory, and all
+contexts of one executor share one scratch allocation sized to the largest need, since the stages of an
+image run one after another on one stream (each fork has its own). A failed enqueue, launch or sync
+leaves the executor usable: it synchronizes before its host buffers are touched again, fills no prompt
+cache slot, and names the stage. A failed graph capture falls back to plain enqueues and is retried on a
+later call (up to CAPTURE_ATTEMPTS times); every fallback is counted (`graph_stats`).
+
+Engines (weights) live in an EngineSet that several executors share (`fork()`).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from turbo_trt.errors import FlavorError
-from turbo_trt.flavors import Flavor, load_flavor
-from turbo_trt.io_contract import TensorIO, check_io
+from turbo_trt.errors import ExecutionError
+from turbo_trt.flavors import load_flavor
 
 from .. import cuda
-from ..bundle import EMBEDDING_FEEDS, Bundle, check_engine_compatibility
+from ..bundle import Bundle, check_engine_compatibility
 from ..inputs import Noise
-from ..schedule import Plan, all_plans
+from ..schedule import Plan
 from .base import Executor, Timings
+from .tensorrt_engines import EngineSet
+from .tensorrt_layout import ALIGN, Layout, Op
 
-if TYPE_CHECKING:  # the common API, typed by tensorrt-stubs (tensorrt_rtx has the same classes)
+if TYPE_CHECKING:
     import tensorrt as trt_api
+
+__all__ = ["EngineSet", "GraphCaptureWarning", "TensorRTExecutor"]
+
+#: Captures tried per (plan, variant) before that variant stays on plain enqueues for good.
+CAPTURE_ATTEMPTS = 3
 
 
 class GraphCaptureWarning(RuntimeWarning):
-    """CUDA graph capture failed; the executor runs plain enqueues instead."""
-
-
-class EngineSet:
-    """Deserialized engines of one bundle (the weights), shareable by several executors."""
-
-    def __init__(self, bundle: Bundle, flavor: Flavor) -> None:
-        self.bundle = bundle
-        self.flavor = flavor
-        trt = flavor.trt
-        self.logger: trt_api.ILogger = trt.Logger(trt.Logger.WARNING)
-        self.runtime: trt_api.Runtime = trt.Runtime(self.logger)
-        self.engines: dict[str, trt_api.ICudaEngine] = {}
-        for name in bundle.components():
-            plan = (bundle.path / bundle.component(name)["engine"]).read_bytes()
-            engine: trt_api.ICudaEngine | None = self.runtime.deserialize_cuda_engine(plan)
-            if engine is None:
-                raise FlavorError(f"{flavor.name} could not deserialize {bundle.component(name)['engine']}")
-            self.engines[name] = engine
-
-    def io(self, name: str) -> dict[str, TensorIO]:
-        """tensor name -> shape, dtype and direction as the engine declares it."""
-        trt = self.flavor.trt
-        engine = self.engines[name]
-        out = {}
-        for index in range(engine.num_io_tensors):
-            tensor = engine.get_tensor_name(index)
-            dims = engine.get_tensor_shape(tensor)
-            shape = tuple(int(dims[i]) for i in range(len(dims)))
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor))).name
-            is_input = engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
-            out[tensor] = TensorIO(shape, dtype, is_input)
-        return out
-
-    def check_io(self) -> None:
-        """Every engine's IO matches the buffers the executor binds (see turbo_trt.io_contract)."""
-        b = self.bundle
-        check_io({name: self.io(name) for name in self.engines}, b.family, b.shapes, b.img2img,
-                 f"engines in {b.path}")
+    """CUDA graph capture failed; the executor runs plain enqueues instead (and retries later)."""
 
 
 @dataclass
@@ -80,49 +54,19 @@ class _Captured:
     graph_exec: Any
 
 
-#: Byte alignment TensorRT asks of every tensor address (IExecutionContext.set_tensor_address); each plan
-#: constant gets a slot of its own this size, so every bound address is aligned.
-ALIGN = 256
-
-
-@dataclass
-class _PlanBuffers:
-    """Device addresses of one plan's constants and its captured graphs (with / without encoders).
-
-    Layout from `base`, one ALIGN-byte slot each: timestep of step 0, its 4 coefficients, timestep of step
-    1, ..., then the noise sigma after the last possible step."""
-
-    base: int
-    max_steps: int
-    graphs: dict[bool, _Captured | None] = field(default_factory=dict)
-
-    def timestep(self, k: int) -> int:
-        return self.base + ALIGN * 2 * k
-
-    def coeffs(self, k: int) -> int:
-        return self.base + ALIGN * (2 * k + 1)
-
-    @property
-    def noise_sigma(self) -> int:
-        return self.base + ALIGN * 2 * self.max_steps
-
-
-def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
 class TensorRTExecutor(Executor):
     name = "tensorrt"
 
     @classmethod
     def load(cls, bundle: Bundle, cache_size: int = 8, use_graphs: bool = True,
-             strict_targets: bool = True) -> TensorRTExecutor:
+             strict_targets: bool = True, runtime_cache: bool = True) -> TensorRTExecutor:
         from turbo_trt.gpu import current_gpu
 
         engine_info = bundle.manifest.get("engine") or {}
         flavor = load_flavor(engine_info.get("flavor"))
-        check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), strict_targets)
-        engines = EngineSet(bundle, flavor)
+        gpu = current_gpu()
+        check_engine_compatibility(bundle, flavor.name, flavor.version, gpu, strict_targets)
+        engines = EngineSet(bundle, flavor, gpu_name=str((gpu or {}).get("name", "gpu")), runtime_cache=runtime_cache)
         engines.check_io()
         return cls(engines, cache_size=cache_size, use_graphs=use_graphs)
 
@@ -132,249 +76,225 @@ class TensorRTExecutor(Executor):
         self.use_graphs = use_graphs
         self.memory = cuda.Memory()
         self.stream = cuda.new_stream()
+        self.layout = Layout(self.bundle, self.memory, cache_size)
         self.contexts: dict[str, trt_api.IExecutionContext] = {
-            name: engine.create_execution_context() for name, engine in engines.engines.items()
+            key: engines.create_context(component) for key, component in self.layout.contexts()
         }
-        self._plans: dict[tuple[str, int, int], _PlanBuffers] = {}
-        self._warm: set[str] = set()  # modes (txt2img / img2img) whose contexts have run once
+        # one scratch allocation for all contexts (they never run at the same time)
+        scratch = engines.scratch_bytes()
+        self.scratch_bytes = max(scratch.values())
+        self.scratch = self.memory.alloc(self.scratch_bytes)
+        for context in self.contexts.values():
+            self._set_scratch(context)
+        cuda.memset(self.layout.zeros.ptr, 0, self.layout.lat_bytes, self.stream)
+        cuda.h2d(self.layout.plan_table_dev.ptr, self.layout.plan_table.ptr, self.layout.plan_table.array.nbytes,
+                 self.stream)
+        cuda.synchronize(self.stream)
+        self._bind_all()
+        self._graphs: dict[tuple[tuple[str, int, int], bool], _Captured] = {}
+        self._capture_failures: dict[tuple[tuple[str, int, int], bool], int] = {}
+        self.plain_runs = 0  # images run with plain enqueues although graphs were on
+        self._warm: set[str] = set()  # modes whose contexts have run once
         self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
         self._events: list[Any] = []
-        self._allocate()
+        self._broken: str | None = None  # a sync that could not complete: the CUDA context is unusable
 
-    # -- load-time allocation -------------------------------------------------------------------------------
-    def _allocate(self) -> None:
-        b = self.bundle
-        shapes = b.shapes
-        mem = self.memory
-        lat_shape = (shapes["batch"], shapes["latent_channels"], shapes["latent_height"], shapes["latent_width"])
-        self.lat_bytes = _nbytes(lat_shape, np.float32)
-        self.max_steps = int(b.manifest["scheduler"]["max_steps"])
-        self.ancestral = bool(b.manifest["scheduler"]["ancestral"])
-        self.ids = {e: mem.pinned_array((shapes["batch"], shapes["tokens"]), np.int32) for e in b.encoders}
-        self.ids_dev = {e: mem.alloc(self.ids[e].array.nbytes) for e in b.encoders}
-        unet_io = self.engines.io("unet")
-        self.embeddings = {unet_input: mem.alloc(_nbytes(unet_io[unet_input].shape, unet_io[unet_input].dtype))
-                           for _, _, unet_input in EMBEDDING_FEEDS[b.family]}
-        self.latents = [mem.alloc(self.lat_bytes), mem.alloc(self.lat_bytes)]
-        self.noise = mem.pinned_array(lat_shape, np.float32)
-        self.step_noise = mem.pinned_array((self.max_steps, *lat_shape), np.float32)
-        self.step_noise_dev = mem.alloc(self.step_noise.array.nbytes)
-        self.zeros = mem.alloc(self.lat_bytes)
-        cuda.memset(self.zeros.ptr, 0, self.lat_bytes, self.stream)
-        image_shape = (shapes["batch"], shapes["height"], shapes["width"], 3)
-        self.image = mem.pinned_array(image_shape, np.uint8)
-        self.image_dev = mem.alloc(self.image.array.nbytes)
-        self.nonfinite = mem.pinned_array((1,), np.int32)
-        self.nonfinite_dev = mem.alloc(4)
-        if b.img2img:
-            self.init_image = mem.pinned_array(image_shape, np.uint8)
-            self.init_image_dev = mem.alloc(self.init_image.array.nbytes)
-            self.sample_noise_dev = mem.alloc(self.lat_bytes)
-            self.sample_noise = mem.pinned_array(lat_shape, np.float32)
-            self.latent_noise_dev = mem.alloc(self.lat_bytes)
-        # Prompt-embedding cache: `cache_size` slots of all embeddings, allocated now.
-        self._slots = [{k: mem.alloc(v.nbytes) for k, v in self.embeddings.items()} for _ in range(self.cache_size)]
-        self._upload_plans()
+    # -- load -------------------------------------------------------------------------------------------------
+    def _set_scratch(self, context: Any) -> None:
+        if hasattr(context, "set_device_memory"):
+            context.set_device_memory(self.scratch.ptr, self.scratch_bytes)
+        else:  # TensorRT 10.0
+            context.device_memory = self.scratch.ptr
 
-    def _upload_plans(self) -> None:
-        """Timesteps, coefficients and noise sigma of every plan, in one device buffer uploaded once."""
-        plans = all_plans(self.bundle.manifest["scheduler"])
-        slots = 2 * self.max_steps + 1
-        staging = self.memory.pinned_array((len(plans), slots, ALIGN // 4), np.float32)
-        device = self.memory.alloc(staging.array.nbytes)
-        for row, plan in enumerate(plans):
-            for k in range(plan.runs):
-                staging.array[row, 2 * k, 0] = plan.timesteps[k]
-                staging.array[row, 2 * k + 1, :4] = plan.coeffs[k]
-            staging.array[row, 2 * self.max_steps, 0] = plan.noise_sigma
-            self._plans[plan.key] = _PlanBuffers(base=device.ptr + row * slots * ALIGN, max_steps=self.max_steps)
-        cuda.h2d(device.ptr, staging.ptr, staging.array.nbytes, self.stream)
-        cuda.synchronize(self.stream)
+    def _bind_all(self) -> None:
+        """Set every tensor address of every context, once; each is checked and 256-byte aligned."""
+        for key, tensors in self.layout.bindings().items():
+            for tensor, address in tensors.items():
+                if address % ALIGN:
+                    raise ExecutionError(f"address {address:#x} for {key}.{tensor} is not {ALIGN}-byte aligned",
+                                         stage=key)
+                if not self.contexts[key].set_tensor_address(tensor, address):
+                    raise ExecutionError(f"TensorRT refused address {address:#x} for {key}.{tensor}", stage=key)
 
-    # -- the sequence (enqueued eagerly or captured) ---------------------------------------------------------
-    def _bind(self, name: str, tensor: str, address: int) -> None:
-        if address % ALIGN:
-            raise RuntimeError(f"address {address:#x} for {name}.{tensor} is not {ALIGN}-byte aligned")
-        if not self.contexts[name].set_tensor_address(tensor, address):
-            raise RuntimeError(f"TensorRT refused address {address:#x} for {name}.{tensor}")
+    def memory_report(self) -> dict[str, Any]:
+        """Device bytes of this executor's bundle: engine weights (measured at deserialization, shared by
+        forks), the one shared scratch allocation, and the buffers; with what one scratch per context
+        (TensorRT's default allocation) would have cost."""
+        scratch = self.engines.scratch_bytes()
+        per_context = sum(scratch[component] for _, component in self.layout.contexts())
+        return {
+            "weights_bytes": sum(self.engines.weights_bytes.values()),
+            "weights_bytes_by_component": dict(self.engines.weights_bytes),
+            "scratch_bytes": self.scratch_bytes,
+            "scratch_bytes_by_component": scratch,
+            "scratch_bytes_one_per_context": per_context,
+            "contexts": len(self.contexts),
+            "buffer_bytes": self.memory.device_bytes - self.scratch_bytes,
+        }
 
-    def _mark(self, label: str) -> None:
-        """During run_profiled: an event after the work enqueued so far, closing stage `label`."""
-        if self._marks is not None:
-            event = self._events[len(self._marks)]
-            cuda.record(event, self.stream)
-            self._marks.append((label, event))
-
-    def _enqueue(self, name: str, label: str | None = None) -> None:
-        if not self.contexts[name].execute_async_v3(int(self.stream)):
-            raise RuntimeError(f"TensorRT failed to enqueue {name}")
-        self._mark(label or name)
-
-    def _sequence(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> None:
+    # -- the program (enqueued eagerly or captured) ----------------------------------------------------------
+    def _execute(self, ops: list[Op]) -> None:
         s = self.stream
-        b = self.bundle
-        ancestral = self.ancestral
-        if with_encoders:
-            for encoder in b.encoders:
-                cuda.h2d(self.ids_dev[encoder].ptr, self.ids[encoder].ptr, self.ids[encoder].array.nbytes, s)
-        if plan.mode == "img2img":
-            cuda.h2d(self.init_image_dev.ptr, self.init_image.ptr, self.init_image.array.nbytes, s)
-            cuda.h2d(self.sample_noise_dev.ptr, self.sample_noise.ptr, self.lat_bytes, s)
-            cuda.h2d(self.latent_noise_dev.ptr, self.noise.ptr, self.lat_bytes, s)
-        else:
-            cuda.h2d(self.latents[0].ptr, self.noise.ptr, self.lat_bytes, s)
-        if ancestral:
-            cuda.h2d(self.step_noise_dev.ptr, self.step_noise.ptr, self.lat_bytes * plan.runs, s)
-        self._mark("upload")
-        bind = self._bind
-        if with_encoders:
-            for encoder in b.encoders:
-                bind(encoder, "input_ids", self.ids_dev[encoder].ptr)
-                for enc, output, unet_input in EMBEDDING_FEEDS[b.family]:
-                    if enc == encoder:
-                        bind(encoder, output, self.embeddings[unet_input].ptr)
-                self._enqueue(encoder)
-        if plan.mode == "img2img":
-            for tensor, address in (("image", self.init_image_dev.ptr), ("sample_noise", self.sample_noise_dev.ptr),
-                                    ("latent_noise", self.latent_noise_dev.ptr), ("noise_sigma", buffers.noise_sigma),
-                                    ("latents", self.latents[0].ptr)):
-                bind("vae_encoder", tensor, address)
-            self._enqueue("vae_encoder")
-        for name, buffer in self.embeddings.items():
-            bind("unet", name, buffer.ptr)
-        for k in range(plan.runs):
-            bind("unet", "latents", self.latents[k % 2].ptr)
-            bind("unet", "next_latents", self.latents[(k + 1) % 2].ptr)
-            bind("unet", "timestep", buffers.timestep(k))
-            bind("unet", "step_coeffs", buffers.coeffs(k))
-            bind("unet", "step_noise", self.step_noise_dev.ptr + k * self.lat_bytes if ancestral else self.zeros.ptr)
-            self._enqueue("unet", f"unet[{k}]")
-        bind("vae_decoder", "latents", self.latents[plan.runs % 2].ptr)
-        bind("vae_decoder", "image", self.image_dev.ptr)
-        bind("vae_decoder", "nonfinite", self.nonfinite_dev.ptr)
-        self._enqueue("vae_decoder")
-        cuda.d2h(self.image.ptr, self.image_dev.ptr, self.image.array.nbytes, s)
-        cuda.d2h(self.nonfinite.ptr, self.nonfinite_dev.ptr, 4, s)
-        self._mark("download")
+        for op in ops:
+            if op.kind == "enqueue":
+                if not self.contexts[op.name].execute_async_v3(int(s)):
+                    raise ExecutionError(f"TensorRT failed to enqueue {op.name}", stage=op.name)
+            elif op.kind == "h2d":
+                cuda.h2d(op.dst, op.src, op.nbytes, s)
+            elif op.kind == "d2d":
+                cuda.d2d(op.dst, op.src, op.nbytes, s)
+            elif op.kind == "d2h":
+                cuda.d2h(op.dst, op.src, op.nbytes, s)
+            elif op.kind == "mark" and self._marks is not None:
+                event = self._events[len(self._marks)]
+                cuda.record(event, s)
+                self._marks.append((op.name, event))
 
-    def _graph(self, plan: Plan, buffers: _PlanBuffers, with_encoders: bool) -> _Captured | None:
-        if with_encoders in buffers.graphs:
-            return buffers.graphs[with_encoders]
+    def _graph(self, plan: Plan, with_encoders: bool) -> _Captured | None:
+        key = (plan.key, with_encoders)
+        if key in self._graphs:
+            return self._graphs[key]
+        if self._capture_failures.get(key, 0) >= CAPTURE_ATTEMPTS:
+            return None
         if plan.mode not in self._warm:  # each context runs once, eagerly, before any capture that uses it
-            self._sequence(plan, buffers, True)
+            self._execute(self.layout.program(plan, True))
             cuda.synchronize(self.stream)
             self._warm.add(plan.mode)
-        captured: _Captured | None = None
+            self.engines.save_runtime_cache()  # the JIT has compiled this mode's kernels
         try:
             self._check_capturable(plan)
             cuda.begin_capture(self.stream)
             try:
-                self._sequence(plan, buffers, with_encoders)
+                self._execute(self.layout.program(plan, with_encoders))
             except BaseException:
                 cuda.abort_capture(self.stream)
                 raise
             captured = _Captured(*cuda.end_capture(self.stream))
-        except Exception as exc:  # capture is an optimization: fall back to plain enqueues
-            warnings.warn(f"CUDA graph capture failed ({exc}); running without graphs", GraphCaptureWarning,
-                          stacklevel=4)
-        buffers.graphs[with_encoders] = captured
+        except Exception as exc:  # capture is an optimization: fall back to plain enqueues, retry later
+            failures = self._capture_failures[key] = self._capture_failures.get(key, 0) + 1
+            warnings.warn(f"CUDA graph capture failed ({exc}); running without graphs "
+                          f"(attempt {failures} of {CAPTURE_ATTEMPTS})", GraphCaptureWarning, stacklevel=4)
+            return None
+        self._graphs[key] = captured
         return captured
 
     def _check_capturable(self, plan: Plan) -> None:
         """TensorRT-RTX says up front whether a context can be stream-captured (TensorRT has no such query)."""
-        names = [*self.bundle.encoders, "unet", "vae_decoder"] + (["vae_encoder"] if plan.mode == "img2img" else [])
-        for name in names:
-            query = getattr(self.contexts[name], "is_stream_capturable", None)
+        needed = {op.name for op in self.layout.program(plan, True) if op.kind == "enqueue"}
+        for key in sorted(needed):
+            query = getattr(self.contexts[key], "is_stream_capturable", None)
             if query is not None and not query(int(self.stream)):
-                raise RuntimeError(f"{name}'s execution context is not stream-capturable "
+                raise RuntimeError(f"{key}'s execution context is not stream-capturable "
                                    "(engine built without REQUIRE_USER_ALLOCATION? rebuild with `turbo-trt build`)")
 
-    def _fill(self, ids: dict[str, np.ndarray], noise: Noise, image: np.ndarray | None) -> None:
-        """Copy one call's inputs into the pinned host buffers the graphs read."""
-        for encoder, array in ids.items():
-            self.ids[encoder].array[...] = array
-        self.noise.array[...] = noise.latents
-        if noise.sample is not None:
-            self.sample_noise.array[...] = noise.sample
-        if noise.steps:
-            for k, step in enumerate(noise.steps):
-                self.step_noise.array[k] = step
-        elif self.ancestral:  # no step noise given: zeros, as ONNX Runtime does
-            self.step_noise.array[...] = 0
-        if image is not None:
-            self.init_image.array[...] = image
+    # -- per image --------------------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise ExecutionError(f"this executor is unusable after an earlier CUDA failure ({self._broken}); "
+                                 "load the bundle again", stage="sync")
+        if self.stream is None:
+            raise ExecutionError("this executor was closed", stage="load")
 
-    def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-            image: np.ndarray | None) -> tuple[np.ndarray, int]:
-        self._fill(ids, noise, image)
-        buffers = self._plans[plan.key]
+    def _recover(self, stage: str, exc: BaseException) -> ExecutionError:
+        """After a failure: wait for whatever was enqueued before touching host buffers again."""
+        try:
+            cuda.synchronize(self.stream)
+        except Exception as sync_exc:  # a sticky error: nothing more can run in this CUDA context
+            self._broken = f"{stage}: {sync_exc}"
+        if isinstance(exc, ExecutionError):
+            return exc
+        return ExecutionError(f"{stage} failed: {exc}", stage=stage)
+
+    def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+        self._check_usable()
+        layout = self.layout
+        layout.fill(ids, noise, image, plan.runs)
         key = self.prompt_key(ids)
         slot = self._lru.lookup(key)
-        if slot is not None:
-            for name, buffer in self.embeddings.items():
-                cuda.d2d(buffer.ptr, self._slots[slot][name].ptr, buffer.nbytes, self.stream)
-        with_encoders = slot is None
-        graph = self._graph(plan, buffers, with_encoders) if self.use_graphs else None
-        if graph is not None:
-            cuda.launch(graph.graph_exec, self.stream)
-        else:
-            self._sequence(plan, buffers, with_encoders)
-        if slot is None:
-            new_slot = self._lru.assign(key)
+        new_slot = None if slot is not None else self._lru.next_slot(key)
+        stage = "prompt cache copy"
+        try:
+            if slot is not None:
+                self._execute(layout.cache_copies(slot, store=False))
+            with_encoders = slot is None
+            graph = self._graph(plan, with_encoders) if self.use_graphs else None
+            if graph is not None:
+                stage = f"graph launch ({plan.mode}, {plan.runs} UNet run(s))"
+                cuda.launch(graph.graph_exec, self.stream)
+            else:
+                stage = "plain enqueue"
+                if self.use_graphs:
+                    self.plain_runs += 1
+                self._execute(layout.program(plan, with_encoders))
             if new_slot is not None:
-                for name, buffer in self.embeddings.items():
-                    cuda.d2d(self._slots[new_slot][name].ptr, buffer.ptr, buffer.nbytes, self.stream)
-        cuda.synchronize(self.stream)
-        return self.image.array.copy(), int(self.nonfinite.array[0])
+                stage = "prompt cache store"
+                self._execute(layout.cache_copies(new_slot, store=True))
+            stage = "synchronize"
+            cuda.synchronize(self.stream)
+        except Exception as exc:
+            if new_slot is not None:
+                self._lru.evict_slot(new_slot)  # its device contents may be half-written
+            raise self._recover(stage, exc) from exc
+        if new_slot is not None:
+            self._lru.assign(key)
+        return layout.image.array.copy(), int(layout.nonfinite.array[0])
 
-    def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-                     image: np.ndarray | None) -> Timings:
+    def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
-        if not self._events:  # created once, on the first profiled call
-            # one per stage mark (upload, each context, each UNet step, download) + the start
-            self._events = [cuda.new_event() for _ in range(len(self.contexts) + self.max_steps + 3)]
-        self._fill(ids, noise, image)
+        self._check_usable()
+        program = self.layout.program(plan, True)
+        marks = sum(op.kind == "mark" for op in program)
+        while len(self._events) < marks + 1:  # created once per size, then reused
+            self._events.append(cuda.new_event())
+        self.layout.fill(ids, noise, image, plan.runs)
         self._marks = []
         try:
             cuda.record(self._events[-1], self.stream)
-            self._sequence(plan, self._plans[plan.key], True)
+            self._execute(program)
             cuda.synchronize(self.stream)
-            marks = self._marks
+            recorded = self._marks
+        except Exception as exc:
+            raise self._recover("profiled run", exc) from exc
         finally:
             self._marks = None
         timings: Timings = []
         previous = self._events[-1]
-        for label, event in marks:
+        for label, event in recorded:
             timings.append((label, cuda.elapsed_ms(previous, event) / 1e3))
             previous = event
         return timings
 
+    def graph_stats(self) -> dict[str, int]:
+        """graphs captured; captures that failed; images run with plain enqueues although graphs were on."""
+        return {"graphs_captured": len(self._graphs), "capture_failures": sum(self._capture_failures.values()),
+                "plain_enqueue_fallbacks": self.plain_runs}
+
     def graph_counts(self) -> tuple[int, int]:
-        """(graphs captured, captures that failed and fell back to plain enqueue) so far."""
-        graphs = [g for buffers in self._plans.values() for g in buffers.graphs.values()]
-        return sum(g is not None for g in graphs), sum(g is None for g in graphs)
+        """(graphs captured, captures that failed) so far."""
+        stats = self.graph_stats()
+        return stats["graphs_captured"], stats["capture_failures"]
 
     def prepare(self, plan: Plan) -> None:
         """Capture `plan`'s graphs now (both variants) rather than on its first call."""
+        self._check_usable()
         if self.use_graphs:
             for with_encoders in (True, False):
-                self._graph(plan, self._plans[plan.key], with_encoders)
+                self._graph(plan, with_encoders)
 
     def fork(self) -> TensorRTExecutor:
         return TensorRTExecutor(self.engines, self.cache_size, self.use_graphs)
-
 
     def close(self) -> None:
         """Free everything this executor owns (not the shared engines); it cannot run afterwards."""
         if self.stream is None:
             return
-        cuda.synchronize(self.stream)
-        for buffers in self._plans.values():
-            for captured in buffers.graphs.values():
-                if captured is not None:
-                    cuda.destroy_graph(captured.graph, captured.graph_exec)
-            buffers.graphs.clear()
-        self.contexts.clear()
+        if not self._broken:
+            cuda.synchronize(self.stream)
+            self.engines.save_runtime_cache()
+        for captured in self._graphs.values():
+            cuda.destroy_graph(captured.graph, captured.graph_exec)
+        self._graphs.clear()
+        self.contexts.clear()  # contexts go before the scratch memory they use
         self.memory.free_all()
         for event in self._events:
             cuda.destroy_event(event)

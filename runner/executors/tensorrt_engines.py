@@ -1,0 +1,153 @@
+"""A bundle's deserialized TensorRT engines (the weights), shared by every executor forked from one load.
+
+- Plans are read through an IStreamReaderV2 in chunks, so loading a 4.9 GB SDXL UNet plan does not hold a
+  second full copy of it in host memory (older TensorRT 10 without the reader: the plan is read whole).
+- Each engine's device footprint is measured as the drop in free device memory while it deserializes.
+- Execution contexts are created with user-managed device memory (ExecutionContextAllocationStrategy
+  USER_MANAGED): the executor gives all its contexts one shared scratch allocation (they run one after
+  another on one stream), sized to the largest need. TensorRT-RTX engines built with REQUIRE_USER_ALLOCATION
+  expect exactly that before their enqueues can be stream-captured.
+- TensorRT-RTX's runtime (JIT kernel) cache is loaded from the bundle's `runtime_cache/` and attached to
+  every context; `save_runtime_cache()` writes it back (see runner/runtime_cache.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from turbo_trt.errors import FlavorError
+from turbo_trt.flavors import Flavor
+from turbo_trt.io_contract import TensorIO, check_io
+
+from .. import cuda
+from ..bundle import Bundle
+from ..runtime_cache import cache_path, read_cache, write_cache
+
+if TYPE_CHECKING:  # the common API, typed by tensorrt-stubs (tensorrt_rtx has the same classes)
+    import tensorrt as trt_api
+
+#: Bytes handed to TensorRT per read while deserializing (the host copy held at any time).
+READ_CHUNK = 64 << 20
+
+
+def _stream_reader(trt: Any, path: Path) -> Any:
+    """An IStreamReaderV2 over `path`, answering each read with at most READ_CHUNK bytes."""
+
+    class _FileReader(trt.IStreamReaderV2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IStreamReaderV2.__init__(self)
+            self.handle = path.open("rb")
+            self.bytes_read = 0
+
+        def read(self, num_bytes: int, stream: int) -> bytes:
+            data = self.handle.read(min(int(num_bytes), READ_CHUNK))
+            self.bytes_read += len(data)
+            return data
+
+        def seek(self, offset: int, where: Any) -> bool:
+            whence = {trt.SeekPosition.SET: 0, trt.SeekPosition.CUR: 1, trt.SeekPosition.END: 2}[where]
+            self.handle.seek(int(offset), whence)
+            return True
+
+    return _FileReader()
+
+
+def deserialize(runtime: Any, trt: Any, path: Path) -> Any:
+    """Deserialize one plan file, streamed in chunks where the flavor can (returns None on failure)."""
+    if hasattr(trt, "IStreamReaderV2"):
+        reader = _stream_reader(trt, path)
+        try:
+            return runtime.deserialize_cuda_engine(reader)
+        finally:
+            reader.handle.close()
+    return runtime.deserialize_cuda_engine(path.read_bytes())
+
+
+def scratch_size(engine: Any) -> int:
+    """Device memory one execution context needs beyond the weights (TensorRT >= 10.1 has the _v2)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(size if size is not None else engine.device_memory_size)
+
+
+class EngineSet:
+    """Deserialized engines of one bundle (the weights), shareable by several executors."""
+
+    def __init__(self, bundle: Bundle, flavor: Flavor, gpu_name: str = "gpu", runtime_cache: bool = True) -> None:
+        self.bundle = bundle
+        self.flavor = flavor
+        trt = flavor.trt
+        self.logger: trt_api.ILogger = trt.Logger(trt.Logger.WARNING)
+        self.runtime: trt_api.Runtime = trt.Runtime(self.logger)
+        self.engines: dict[str, trt_api.ICudaEngine] = {}
+        self.weights_bytes: dict[str, int] = {}  # measured: free device memory lost while deserializing
+        for name in bundle.components():
+            rel = bundle.component(name)["engine"]
+            free_before = cuda.memory_info()[0]
+            engine = deserialize(self.runtime, trt, bundle.path / rel)
+            if engine is None:
+                raise FlavorError(f"{flavor.name} {flavor.version} could not deserialize {rel} "
+                                  "(its log above says why)")
+            self.weights_bytes[name] = max(0, free_before - cuda.memory_info()[0])
+            self.engines[name] = engine
+        self.cache_file: Path | None = None
+        self.cache: Any = None
+        self.cache_loaded = False  # a cache file was there and TensorRT-RTX accepted it
+        if runtime_cache and self._has_runtime_cache():
+            self.cache_file = cache_path(bundle.path, gpu_name, flavor.version)
+            maker: Any = next(iter(self.engines.values())).create_runtime_config()  # RTX-only API below
+            self.cache = maker.create_runtime_cache()
+            blob = read_cache(self.cache_file)
+            self.cache_loaded = bool(blob) and bool(self.cache.deserialize(blob))
+
+    def _has_runtime_cache(self) -> bool:
+        engine = next(iter(self.engines.values()))
+        return hasattr(engine, "create_runtime_config") and hasattr(self.flavor.trt, "IRuntimeCache")
+
+    def create_context(self, name: str) -> trt_api.IExecutionContext:
+        """An execution context of engine `name` with user-managed device memory (and the runtime cache)."""
+        trt = self.flavor.trt
+        engine = self.engines[name]
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if self.cache is not None:
+            config: Any = engine.create_runtime_config()  # set_runtime_cache is TensorRT-RTX's
+            config.set_execution_context_allocation_strategy(strategy)
+            config.set_runtime_cache(self.cache)
+            context = engine.create_execution_context(config)
+        else:
+            context = engine.create_execution_context(strategy)
+        if context is None:
+            raise FlavorError(f"{self.flavor.name} could not create an execution context for {name}")
+        return context
+
+    def save_runtime_cache(self) -> bool:
+        """Write the runtime cache back into the bundle (atomic, locked); False when there is none."""
+        if self.cache is None or self.cache_file is None:
+            return False
+        blob = self.cache.serialize()
+        return blob is not None and write_cache(self.cache_file, bytes(memoryview(blob)))
+
+    def scratch_bytes(self) -> dict[str, int]:
+        return {name: scratch_size(engine) for name, engine in self.engines.items()}
+
+    def io(self, name: str) -> dict[str, TensorIO]:
+        """tensor name -> shape, dtype and direction as the engine declares it."""
+        trt = self.flavor.trt
+        engine = self.engines[name]
+        out = {}
+        for index in range(engine.num_io_tensors):
+            tensor = engine.get_tensor_name(index)
+            dims = engine.get_tensor_shape(tensor)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor))).name
+            is_input = engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
+            out[tensor] = TensorIO(shape, dtype, is_input)
+        return out
+
+    def check_io(self) -> None:
+        """Every engine's IO matches the buffers the executor binds (see turbo_trt.io_contract)."""
+        b = self.bundle
+        check_io({name: self.io(name) for name in self.engines}, b.family, b.shapes, b.img2img,
+                 f"engines in {b.path}")
