@@ -73,14 +73,19 @@ class _Memory:
         self.points[name] = round(self._used() - self.base, 1)
 
 
-def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict[str, float]]:
+def _load(opts: BenchOptions, executor: str, memory: _Memory, runtime_cache: bool = True,
+          count_allocations: bool = False) -> tuple[Any, dict[str, float], float | None]:
+    """Load the bundle, timing each cold-start phase; also returns the peak host RSS (MiB) while loading."""
     from turbo_trt.runner.bundle import open_bundle
     from turbo_trt.runner.pipeline import TurboPipeline
+
+    from .host_memory import peak_mib, reset_peak
 
     cold: dict[str, float] = {}
     start = time.perf_counter()
     bundle = open_bundle(opts.engines, files="engine" if executor == "tensorrt" else "onnx", verify=True)
     cold["verify_s"] = time.perf_counter() - start
+    reset_peak()
     if executor == "tensorrt":
         from turbo_trt.flavors import load_flavor
         from turbo_trt.gpu import current_gpu
@@ -88,9 +93,11 @@ def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict
         from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
 
         flavor = load_flavor((bundle.manifest.get("engine") or {}).get("flavor"))
-        check_engine_compatibility(bundle, flavor.name, flavor.version, current_gpu(), opts.strict_targets)
+        gpu = current_gpu()
+        check_engine_compatibility(bundle, flavor.name, flavor.version, gpu, opts.strict_targets)
         t = time.perf_counter()
-        engines = EngineSet(bundle, flavor)
+        engines = EngineSet(bundle, flavor, gpu_name=str((gpu or {}).get("name", "gpu")), runtime_cache=runtime_cache,
+                            count_allocations=count_allocations)
         cold["deserialize_s"] = time.perf_counter() - t
         engines.check_io()
         memory.mark("weights")
@@ -103,20 +110,26 @@ def _load(opts: BenchOptions, executor: str, memory: _Memory) -> tuple[Any, dict
         runner.prepare(pipe.plan(opts.steps, None))
         cold["capture_s"] = time.perf_counter() - t
     else:
-        from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
-
         t = time.perf_counter()
-        runner = OnnxRuntimeExecutor(bundle, cache_size=8)
+        if executor == "onnxruntime-cuda":
+            from turbo_trt.runner.executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor
+
+            runner = OnnxRuntimeCudaExecutor(bundle, cache_size=8)
+        else:
+            from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
+
+            runner = OnnxRuntimeExecutor(bundle, cache_size=8)
         cold["deserialize_s"] = time.perf_counter() - t
         memory.mark("after_load")
         pipe = TurboPipeline(bundle, runner)
-        cold["allocate_s"] = 0.0  # ONNX Runtime allocates inside its first run (see first_run_s)
-        cold["capture_s"] = 0.0  # no graphs on the CPU
+        cold["allocate_s"] = 0.0  # ONNX Runtime allocates its own scratch inside its first run (first_run_s)
+        cold["capture_s"] = 0.0  # ONNX Runtime captures its CUDA graphs inside the first run too
+    load_peak = peak_mib()
     t = time.perf_counter()
     pipe(opts.prompt, num_inference_steps=opts.steps, seed=0, output_type="np")
     cold["first_run_s"] = time.perf_counter() - t
     cold["total_s"] = sum(cold.values())
-    return pipe, {k: round(v, 4) for k, v in cold.items()}
+    return pipe, {k: round(v, 4) for k, v in cold.items()}, load_peak
 
 
 def _timed(pipe: Any, opts: BenchOptions, prompts: list[str]) -> list[float]:
@@ -190,21 +203,35 @@ def _device_free() -> int:
     return cuda.memory_info()[0]
 
 
-def _checks(pipe: Any, opts: BenchOptions, free_before_timing: int | None) -> dict[str, Any]:
+def _plain_twin(pipe: Any) -> Any:
+    """The same executor kind without graphs, on the same weights: the reference for graph replay."""
+    from turbo_trt.runner.pipeline import TurboPipeline
+
+    executor = pipe.executor
+    if executor.name == "tensorrt":
+        from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
+
+        return TurboPipeline(pipe.bundle, TensorRTExecutor(executor.engines, cache_size=1, use_graphs=False))
+    from turbo_trt.runner.executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor
+
+    return TurboPipeline(pipe.bundle, OnnxRuntimeCudaExecutor(pipe.bundle, cache_size=1, cuda_graphs=False))
+
+
+def _checks(pipe: Any, opts: BenchOptions, before_timing: tuple[int, int] | None) -> dict[str, Any]:
     """Correctness of the fast path, measured in the same run as its speed (GPU only): whether CUDA graphs
-    were captured, whether graph replay equals plain enqueue bit for bit on identical inputs (txt2img at
-    the benched steps, and img2img when the bundle has it), and how much device memory the timed images
-    allocated (the design says none)."""
-    if free_before_timing is None:
+    were captured (and how often an image fell back to plain enqueues), whether graph replay equals plain
+    enqueue bit for bit on identical inputs (txt2img at the benched steps, and img2img when the bundle has
+    it), and how much device memory the timed images allocated (the design says none): the drop in free
+    device memory (2 MiB pages) and, for TensorRT, every allocation TensorRT asked its allocator for."""
+    if before_timing is None:
         return {"kind": "CPU run: ONNX Runtime executor, no CUDA graphs to check"}
     import numpy as np
 
-    from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
-    from turbo_trt.runner.pipeline import TurboPipeline
-
-    allocated = free_before_timing - _device_free()
-    captured, failed = pipe.executor.graph_counts()
-    eager = TurboPipeline(pipe.bundle, TensorRTExecutor(pipe.executor.engines, cache_size=1, use_graphs=False))
+    free_before, allocations_before = before_timing
+    allocated = free_before - _device_free()
+    allocator = getattr(getattr(pipe.executor, "engines", None), "allocator", None)
+    stats = pipe.executor.graph_stats()
+    plain = _plain_twin(pipe)
     cases: list[tuple[str, dict[str, Any]]] = [("txt2img", {})]
     if pipe.bundle.img2img and opts.steps >= 2:
         image = np.random.default_rng(0).integers(0, 256, (pipe.shapes["height"], pipe.shapes["width"], 3),
@@ -214,13 +241,20 @@ def _checks(pipe: Any, opts: BenchOptions, free_before_timing: int | None) -> di
     try:
         for name, extra in cases:
             kwargs = dict(num_inference_steps=opts.steps, seed=1234, output_type="np", **extra)
-            graphed, plain = pipe(opts.prompt, **kwargs), eager(opts.prompt, **kwargs)
-            compared[name] = {"bit_equal": bool(np.array_equal(graphed, plain)),
-                              "max_abs_diff": int(np.abs(graphed.astype(int) - plain.astype(int)).max())}
+            graphed, reference = pipe(opts.prompt, **kwargs), plain(opts.prompt, **kwargs)
+            compared[name] = {"bit_equal": bool(np.array_equal(graphed, reference)),
+                              "max_abs_diff": int(np.abs(graphed.astype(int) - reference.astype(int)).max())}
     finally:
-        eager.close()
+        plain.close()
+    if pipe.executor.name == "tensorrt":
+        captured, failed = stats["graphs_captured"], stats["capture_failures"]
+    else:
+        captured, failed = stats["sessions_with_graphs"], stats["sessions_without_graphs"]
     return {"graphs_captured": captured, "graph_capture_failed": failed,
-            "graph_vs_plain_enqueue": compared, "device_bytes_allocated_during_timed_images": allocated}
+            "plain_enqueue_fallbacks": stats.get("plain_enqueue_fallbacks", 0),
+            "graph_vs_plain_enqueue": compared, "device_bytes_allocated_during_timed_images": allocated,
+            "tensorrt_allocations_during_timed_images":
+                None if allocator is None else allocator.allocations - allocations_before}
 
 
 def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batch: int,
@@ -237,22 +271,41 @@ def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batc
     return out
 
 
+def _runtime_cache_cold_starts(pipe: Any, opts: BenchOptions, log: Any) -> dict[str, Any] | None:
+    """TensorRT-RTX only: cold start in fresh processes without, then with, the bundle's runtime cache
+    (which this bench's own load has written by now)."""
+    engines = getattr(pipe.executor, "engines", None)
+    if engines is None or getattr(engines, "cache", None) is None:
+        return None
+    from .cold_start import measure_in_child
+
+    engines.save_runtime_cache()
+    log("cold start in fresh processes, without and with the runtime cache ...")
+    runs = {label: measure_in_child(opts.engines, "tensorrt", opts.steps, on, opts.strict_targets)
+            for label, on in (("without", False), ("with", True))}
+    return {"cache_file": str(engines.cache_file), **runs}
+
+
 def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
     from turbo_trt.gpu import current_gpu
-    from turbo_trt.runner.pipeline import EXECUTORS, _auto_executor
+    from turbo_trt.runner.executor_choice import EXECUTORS, ExecutorChoice, choose_executor
 
     if opts.executor not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}")
     if opts.iterations < 2 or opts.warmup < 0 or opts.parallel < 1:
         raise UsageError("--iterations must be >= 2, --warmup >= 0 and --parallel >= 1")
-    executor = _auto_executor(opts.engines) if opts.executor == "auto" else opts.executor
-    gpu = current_gpu() if executor == "tensorrt" else None
+    choice = choose_executor(opts.engines, opts.strict_targets) if opts.executor == "auto" \
+        else ExecutorChoice(opts.executor)
+    executor = choice.name
+    log(choice.describe())
+    gpu = current_gpu() if executor != "onnxruntime" else None
     memory = _Memory(gpu is not None)
     log(f"loading {opts.engines} with the {executor} executor ...")
-    pipe, cold = _load(opts, executor, memory)
+    pipe, cold, load_peak = _load(opts, executor, memory, count_allocations=True)
     for i in range(opts.warmup):
         pipe(opts.prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
-    free_before_timing = _device_free() if gpu is not None else None
+    allocator = getattr(getattr(pipe.executor, "engines", None), "allocator", None)
+    before_timing = (_device_free(), allocator.allocations if allocator else 0) if gpu is not None else None
     log(f"timing {opts.iterations} images (prompt cache off) ...")
     with pipe.executor.prompt_cache_disabled():
         uncached = _timed(pipe, opts, [f"{opts.prompt} #{i}" for i in range(opts.iterations)])
@@ -260,7 +313,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
     cached = _timed(pipe, opts, [opts.prompt] * opts.iterations)
     memory.mark("peak_after_runs")
     log("checks (graph replay vs plain enqueue, allocation) ...")
-    checks = _checks(pipe, opts, free_before_timing)
+    checks = _checks(pipe, opts, before_timing)
     log("per-stage pass ...")
     stages = _stages(pipe, opts)
     log(f"throughput with 1..{opts.parallel} runners ...")
@@ -275,10 +328,14 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
                    "family": manifest["model"]["family"], "shapes": manifest["shapes"],
                    "engine": manifest.get("engine")},
         "executor": executor,
+        "executor_choice": {"name": choice.name, "passed_over": choice.passed_over},
         "device": gpu["name"] if gpu else "CPU",
         "settings": {"steps": opts.steps, "iterations": opts.iterations, "warmup": opts.warmup,
                      "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0},
         "cold_start": cold,
+        "cold_start_runtime_cache": _runtime_cache_cold_starts(pipe, opts, log),
+        "load_host_peak_rss_mib": load_peak,
+        "device_memory": pipe.executor.memory_report() if executor == "tensorrt" else None,
         "latency": summarize(uncached),
         "latency_cached_prompt": summarize(cached),
         "samples_ms": [round(s * 1e3, 3) for s in uncached],

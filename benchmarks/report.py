@@ -43,11 +43,39 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 def check_lines(checks: dict[str, Any]) -> list[str]:
     if "kind" in checks:
         return [f"- {checks['kind']}"]
-    lines = [f"- CUDA graphs captured: {checks['graphs_captured']} (capture failed: {checks['graph_capture_failed']})",
+    lines = [f"- CUDA graphs captured: {checks['graphs_captured']} (capture failed: {checks['graph_capture_failed']}; "
+             f"images run with plain enqueues instead: {checks.get('plain_enqueue_fallbacks', 0)})",
              f"- device bytes allocated during the timed images: {checks['device_bytes_allocated_during_timed_images']}"]
+    if checks.get("tensorrt_allocations_during_timed_images") is not None:
+        lines.append("- allocations TensorRT asked its allocator for during the timed images: "
+                     f"{checks['tensorrt_allocations_during_timed_images']}")
     for mode, c in checks["graph_vs_plain_enqueue"].items():
         lines.append(f"- {mode}: graph replay {'equals' if c['bit_equal'] else 'DIFFERS from'} plain enqueue "
                      f"(max abs diff {c['max_abs_diff']})")
+    return lines
+
+
+def load_lines(result: dict[str, Any]) -> list[str]:
+    """Executor choice, runtime-cache cold starts, host memory while loading, device memory breakdown."""
+    lines = []
+    choice = result.get("executor_choice") or {}
+    for name, why in (choice.get("passed_over") or {}).items():
+        lines.append(f"- {name} passed over: {why}")
+    if result.get("load_host_peak_rss_mib") is not None:
+        lines.append(f"- peak host RSS while loading: {result['load_host_peak_rss_mib']} MiB")
+    cache = result.get("cold_start_runtime_cache")
+    if cache:
+        for label in ("without", "with"):
+            run = cache[label]
+            lines.append(f"- cold start {label} the runtime cache (fresh process): "
+                         + (f"{run['total_s']:.3f} s (first image {run['first_run_s']:.3f} s)" if "total_s" in run
+                            else f"failed: {run.get('error')}"))
+    device = result.get("device_memory")
+    if device:
+        mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+        lines.append(f"- device memory: weights {mib(device['weights_bytes'])} MiB, scratch {mib(device['scratch_bytes'])} "
+                     f"MiB shared by {device['contexts']} contexts (one each would be "
+                     f"{mib(device['scratch_bytes_one_per_context'])} MiB), buffers {mib(device['buffer_bytes'])} MiB")
     return lines
 
 
@@ -75,7 +103,7 @@ def terminal(result: dict[str, Any]) -> str:
     lines.append("cold start: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in cold.items()))
     lines.append("throughput: " + ", ".join(f"{t['runners']} runner(s) {t['images_per_s']} img/s"
                                             for t in result["throughput"]))
-    lines += [line[2:] for line in check_lines(result.get("checks", {}))]
+    lines += [line[2:] for line in load_lines(result) + check_lines(result.get("checks", {}))]
     return "\n".join(lines)
 
 
@@ -100,6 +128,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "## Cold start (s)", "", "| " + " | ".join(result["cold_start"]) + " |",
             "|" + "---|" * len(result["cold_start"]),
             "| " + " | ".join(f"{v:.3f}" for v in result["cold_start"].values()) + " |"]
+    out += [""] + load_lines(result)
     out += ["", "## Throughput", "", "| runners | images | seconds | images/s |", "|---|---|---|---|"]
     out += [f"| {t['runners']} | {t['images']} | {t['seconds']} | {t['images_per_s']} |" for t in result["throughput"]]
     mem = result["memory_mib"]

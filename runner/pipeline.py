@@ -10,21 +10,26 @@ executors only run graphs. No torch, diffusers or transformers is imported by th
 from __future__ import annotations
 
 import secrets
+import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from turbo_trt.errors import InputError, TurboTrtError
 
-from .bundle import Bundle, open_bundle, require_bundle_dir
+from .bundle import Bundle, open_bundle
+from .executor_choice import EXECUTORS, ExecutorChoice, choose_executor
 from .executors.base import Executor
 from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
 from .schedule import Plan, img2img_plan, txt2img_plan
 from .tokenizer import PromptTokenizer
 
-EXECUTORS = ("auto", "tensorrt", "onnxruntime")
+if TYPE_CHECKING:
+    from .lora import BundleLoras
+
 
 
 class NonFiniteOutputError(TurboTrtError):
@@ -47,30 +52,43 @@ class TurboPipeline:
             for encoder in bundle.encoders
         }
         self._lock = threading.Lock()
+        self.executor_choice = ExecutorChoice(executor.name)  # from_bundle's "auto" records what it passed over
+        # Run-time LoRA state, created by the first set_loras and shared with forks (they share the weights).
+        self._lora_state: list[BundleLoras] = []
 
     @classmethod
     def from_bundle(cls, path: Path | str, executor: str = "auto", cache_size: int = 8,
                     verify: bool = True, strict_targets: bool = True) -> TurboPipeline:
-        """Open and check a bundle, then load it with the chosen executor ("auto": TensorRT when a GPU
-        and the bundle's flavor are available, else ONNX Runtime on the CPU). strict_targets=False only
-        warns when the GPU is not among the engines' build targets."""
+        """Open and check a bundle, then load it with the chosen executor: "tensorrt", "onnxruntime-cuda",
+        "onnxruntime" (CPU), or "auto" (the first of those that can run here; `pipe.executor_choice` says
+        which ran and why the others were passed over). strict_targets=False only warns when the GPU is not
+        among the engines' build targets."""
         if executor not in EXECUTORS:
             raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-        if executor == "auto":
-            executor = _auto_executor(Path(path))
-        if executor == "tensorrt":
+        choice = choose_executor(path, strict_targets) if executor == "auto" else ExecutorChoice(executor)
+        if choice.name == "tensorrt":
             from .executors.tensorrt import TensorRTExecutor
 
             bundle = open_bundle(path, files="engine", verify=verify)
-            return cls(bundle, TensorRTExecutor.load(bundle, cache_size=cache_size, strict_targets=strict_targets))
-        from .executors.onnxruntime import OnnxRuntimeExecutor
+            pipe = cls(bundle, TensorRTExecutor.load(bundle, cache_size=cache_size, strict_targets=strict_targets))
+        elif choice.name == "onnxruntime-cuda":
+            from .executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor
 
-        bundle = open_bundle(path, files="onnx", verify=verify)
-        return cls(bundle, OnnxRuntimeExecutor(bundle, cache_size=cache_size))
+            bundle = open_bundle(path, files="onnx", verify=verify)
+            pipe = cls(bundle, OnnxRuntimeCudaExecutor(bundle, cache_size=cache_size))
+        else:
+            from .executors.onnxruntime import OnnxRuntimeExecutor
+
+            bundle = open_bundle(path, files="onnx", verify=verify)
+            pipe = cls(bundle, OnnxRuntimeExecutor(bundle, cache_size=cache_size))
+        pipe.executor_choice = choice
+        return pipe
 
     def fork(self) -> TurboPipeline:
         """Another pipeline on the same weights with its own execution state (for another thread)."""
-        return TurboPipeline(self.bundle, self.executor.fork())
+        twin = TurboPipeline(self.bundle, self.executor.fork())
+        twin._lora_state = self._lora_state
+        return twin
 
     @property
     def batch(self) -> int:
@@ -128,18 +146,42 @@ class TurboPipeline:
             )
         return images
 
+    def set_loras(self, loras: Mapping[str | Path, float]) -> None:
+        """Apply LoRAs at run time, {path: scale, ...} in order; `{}` restores the base weights bit for bit.
+
+        Needs a bundle built with `--refittable`. Every LoRA is read and checked first (wrong model, unknown
+        keys, mismatched shapes raise LoraError naming the key, and nothing changes); then merged weights
+        are computed from the kept base values for exactly the graph weights that change, and the executor
+        refits its engines (TensorRT) or re-creates the touched sessions (ONNX Runtime). Any sequence of
+        calls gives the same images as the last set applied once. Forks share the weights."""
+        import time
+
+        from .lora import BundleLoras
+
+        with self._lock:
+            if not self._lora_state:
+                self._lora_state.append(BundleLoras(self.bundle.path, self.bundle.manifest))
+            state = self._lora_state[0]
+            start = time.perf_counter()
+            wanted = state.load(loras)
+            updates = state.plan(wanted)
+            set_weights = getattr(self.executor, "set_weights", None)
+            if set_weights is None:
+                from .lora import LoraError
+
+                raise LoraError(f"the {self.executor.name} executor cannot change weights at run time")
+            count = sum(len(v) for v in updates.values())
+            if time.perf_counter() - start > 1.0 or count > 50:
+                print(f"turbo-trt: applying LoRAs: {count} weights in {', '.join(sorted(updates)) or 'none'} ...",
+                      file=sys.stderr, flush=True)
+            set_weights(updates, state.current_weight)
+            state.commit(loras, wanted)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRAs applied at run time now (path -> scale)."""
+        return dict(self._lora_state[0].loras) if self._lora_state else {}
+
     def close(self) -> None:
         self.executor.close()
 
-
-def _auto_executor(path: Path) -> str:
-    from turbo_trt.flavors import installed_flavors
-    from turbo_trt.gpu import current_gpu
-    from turbo_trt.manifest import read_manifest
-
-    manifest = read_manifest(require_bundle_dir(path))
-    engine = manifest.get("engine") or {}
-    have_engines = all("engine" in entry for entry in manifest["components"].values())
-    if have_engines and engine.get("flavor") in installed_flavors() and current_gpu() is not None:
-        return "tensorrt"
-    return "onnxruntime"

@@ -9,6 +9,17 @@ from pathlib import Path
 from . import __version__
 from .errors import TurboTrtError
 
+EXECUTOR_HELP = ("tensorrt (the bundle's engines on a GPU), onnxruntime-cuda (its ONNX graphs on a GPU with "
+                 "onnxruntime-gpu), onnxruntime (CPU), or auto: the first of those that can run here; the "
+                 "choice and why the others were passed over are printed")
+
+
+def _executors() -> tuple[str, ...]:
+    from .runner.executor_choice import EXECUTORS
+
+    return EXECUTORS
+
+
 ALIASES_HELP = "sd-turbo, sdxl-turbo (hub aliases), tiny-sd-turbo, tiny-sdxl-turbo (built-in, offline)"
 
 
@@ -71,8 +82,23 @@ def _add_build(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="tensorrt-rtx only: comma-separated compute capabilities to build for (7.5, 8.0, 8.6, 8.9, "
                         "12.0, 12.1, or 'current' for the local GPU); default: TensorRT-RTX's portable engine for "
                         "Ampere and later (8.0+)")
+    p.add_argument("--vae", default=None, metavar="tiny|ID|DIR",
+                   help="VAE in place of the pipeline's: 'tiny' (TAESD: madebyollin/taesd or taesdxl; offline with "
+                        "the tiny presets and --random-weights), or any AutoencoderKL / AutoencoderTiny as a hub id "
+                        "(e.g. madebyollin/sdxl-vae-fp16-fix) or a local save_pretrained directory. Changing it "
+                        "rebuilds only the VAE components")
+    p.add_argument("--vae-fp32", action="store_true",
+                   help="export the VAE in FP32 whatever its config says (the fix when its FP16 graph fails "
+                        "validation)")
     p.add_argument("--min-cosine", type=float, default=d["min_cosine"],
                    help="fail validation when an output's cosine similarity to PyTorch FP32 is lower")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
+                   help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys; a local file or hub id "
+                        "owner/name[/file.safetensors]) into the weights before export, scale default 1.0; "
+                        "repeatable. A changed LoRA or scale rebuilds only the parts it touches")
+    p.add_argument("--refittable", action="store_true",
+                   help="build engines whose weights can be refitted, and record the graph weight map, so "
+                        "LoRAs can be swapped at run time (`generate --lora`, `pipe.set_loras`)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
 
 
@@ -91,8 +117,10 @@ def _run_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         model=args.model, revision=args.revision, random_weights=args.random_weights, out=args.out,
         batch=args.batch, height=args.height, width=args.width, flavor=args.flavor, onnx_only=args.onnx_only,
-        force=args.force, img2img=args.img2img, min_cosine=args.min_cosine,
-        engine=EngineOptions(optimization_level=args.opt_level, workspace_gib=args.workspace, targets=targets),
+        force=args.force, img2img=args.img2img, min_cosine=args.min_cosine, vae=args.vae, vae_fp32=args.vae_fp32,
+        engine=EngineOptions(optimization_level=args.opt_level, workspace_gib=args.workspace, targets=targets,
+                             refittable=args.refittable),
+        loras=tuple(_lora_arguments(args.lora)),
     )
     report = build(opts, Progress(enabled=not args.quiet))
     if report.up_to_date:
@@ -102,6 +130,12 @@ def _run_build(args: argparse.Namespace) -> int:
         engines = ", ".join(report.engines_built) or ("none (--onnx-only)" if opts.onnx_only else "none")
         print(f"{report.bundle}: exported {done}; engines built: {engines} ({report.seconds:.1f} s)")
     return 0
+
+
+def _lora_arguments(values: list[str]) -> list[tuple[str, float]]:
+    from .runner.lora import parse_lora_argument
+
+    return [parse_lora_argument(value) for value in values]
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -123,12 +157,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--image", type=Path, default=None, help="init image for image-to-image")
     p.add_argument("--strength", type=float, default=0.5,
                    help="image-to-image strength in (0, 1]; int(steps * strength) must be >= 1")
-    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
-                   help="auto: TensorRT on a GPU with the bundle's flavor installed, else ONNX Runtime (CPU)")
+    p.add_argument("--executor", choices=_executors(), default="auto", help=EXECUTOR_HELP)
     p.add_argument("--ignore-targets", action="store_true",
                    help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
     p.add_argument("--out", type=Path, required=True,
                    help="output PNG; with several prompts, NAME-0.png, NAME-1.png, ...")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA (.safetensors) at run time, scale default 1.0; repeatable; needs a bundle "
+                        "built with --refittable")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -158,6 +194,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     seed = secrets.randbelow(2**63) if args.seed is None else args.seed
     pipe = TurboPipeline.from_bundle(args.engines, executor=args.executor, strict_targets=not args.ignore_targets)
+    print(pipe.executor_choice.describe(), file=sys.stderr)
+    if args.lora:
+        pipe.set_loras(dict(_lora_arguments(args.lora)))
     images = pipe(args.prompt, num_inference_steps=args.steps, seed=seed, noise=noise, image=image,
                   strength=args.strength)
     from .fsutil import atomic_path
@@ -187,7 +226,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     source.add_argument("--model", help="build this model first (as `turbo-trt build --model`), then bench it")
     p.add_argument("--random-weights", action="store_true", help="with --model: full-size random weights")
     p.add_argument("--flavor", choices=["tensorrt", "tensorrt-rtx"], default=None, help="with --model: engine flavor")
-    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"])
+    p.add_argument("--executor", choices=_executors(), default=d["executor"], help=EXECUTOR_HELP)
     p.add_argument("--steps", type=int, default=d["steps"], help="inference steps (1..4)")
     p.add_argument("--iterations", type=int, default=d["iterations"], help="timed images per measurement")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="untimed images first")
@@ -236,6 +275,108 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .runner.serving.pytriton_server import ServeOptions
+
+    d = _defaults(ServeOptions)
+    p = sub.add_parser(
+        "serve",
+        help="serve a bundle on NVIDIA Triton Inference Server (in this process, via PyTriton)",
+        description="Check and load a bundle, warm up one pipeline per instance (forks sharing the engines' "
+                    "weights), then start Triton with the bundle bound as one model: HTTP and gRPC "
+                    "(KServe v2 protocol), dynamic batching up to the bundle's batch, health and metrics. "
+                    "SIGINT/SIGTERM stop it after the requests in flight. Model inputs: prompt BYTES [1]; "
+                    "optional seed INT64 [1], steps INT32 [1], image UINT8 [H, W, 3], strength FP32 [1]; "
+                    "output: image UINT8 [H, W, 3] (see README, Serve). Needs the `serve` extra.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--engines", type=Path, required=True, help="bundle directory written by `turbo-trt build`")
+    p.add_argument("--model-name", default=d["model_name"], help="name of the model in Triton")
+    p.add_argument("--address", default=d["address"], help="address the HTTP, gRPC and metrics endpoints bind")
+    p.add_argument("--http-port", type=int, default=d["http_port"], help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=d["grpc_port"], help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=d["metrics_port"], help="Prometheus metrics port")
+    p.add_argument("--instances", type=int, default=d["instances"],
+                   help="model instances: pipelines made with fork(), each with its own execution state")
+    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"],
+                   help="auto: TensorRT on a GPU with the bundle's flavor installed, else ONNX Runtime (CPU)")
+    p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"],
+                   help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
+    p.add_argument("--ignore-targets", action="store_true",
+                   help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .runner.serving.pytriton_server import ServeOptions, serve
+
+    serve(ServeOptions(
+        engines=args.engines, model_name=args.model_name, address=args.address, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, instances=args.instances, executor=args.executor,
+        max_queue_delay_us=args.max_queue_delay_us, strict_targets=not args.ignore_targets,
+    ), log=lambda message: print(f"turbo-trt serve: {message}", file=sys.stderr, flush=True))
+    return 0
+
+
+def _add_export_triton(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .runner.serving.repository import ExportOptions
+
+    d = _defaults(ExportOptions)
+    p = sub.add_parser(
+        "export-triton",
+        help="write a Triton model repository (Python backend) for a bundle",
+        description="Write REPO/<model>/config.pbtxt (the same inputs and outputs as `turbo-trt serve`, dynamic "
+                    "batching, one instance group per GPU) and REPO/<model>/1/model.py (Triton's Python "
+                    "backend calling the turbo-trt runner), for `tritonserver --model-repository REPO` where "
+                    "turbo-trt is installed. Prints how to start PyTriton's tritonserver binary on it here.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--engines", type=Path, required=True, help="bundle directory written by `turbo-trt build`")
+    p.add_argument("--out", type=Path, required=True, help="model repository directory (created if missing)")
+    p.add_argument("--model-name", default=d["model_name"], help="name of the model (its directory in REPO)")
+    p.add_argument("--gpus", default=None,
+                   help="GPU indices, one instance group each, e.g. 0,1,2,3; 'none' for CPU instances "
+                        "(default: the GPUs nvidia-smi lists now, CPU instances when there are none)")
+    p.add_argument("--instances", type=int, default=d["instances"], help="instances per GPU (or on the CPU)")
+    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"],
+                   help="executor the model uses")
+    p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"],
+                   help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
+    p.add_argument("--include-bundle", action="store_true",
+                   help="copy the bundle into the repository (REPO/<model>/1/bundle) instead of referencing its path")
+    p.add_argument("--force", action="store_true", help="replace an existing REPO/<model>")
+
+
+def _run_export_triton(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .errors import UsageError
+    from .runner.serving.repository import ExportOptions, export_repository
+
+    gpus: list[int] | None = None
+    if args.gpus is not None:
+        try:
+            gpus = [] if args.gpus == "none" else [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UsageError(f"--gpus must be 'none' or indices like 0,1, got {args.gpus!r}") from None
+    model_dir = export_repository(ExportOptions(
+        engines=args.engines, out=args.out, model_name=args.model_name, gpus=gpus, instances=args.instances,
+        executor=args.executor, max_queue_delay_us=args.max_queue_delay_us, include_bundle=args.include_bundle,
+        force=args.force,
+    ))
+    print(f"{model_dir}: Triton model '{args.model_name}' (Python backend)")
+    print(f"serve it with a Triton install whose Python has turbo-trt: tritonserver --model-repository {args.out}")
+    try:
+        from .runner.serving.tritonserver import server_command
+
+        argv, env = server_command(args.out)
+    except TurboTrtError:
+        return 0
+    keep = ("LD_LIBRARY_PATH", "TURBO_TRT_SITE_DIRS")
+    print("or with PyTriton's tritonserver binary, here:")
+    print(" ".join(f"{k}={shlex.quote(env[k])}" for k in keep) + " " + shlex.join(argv))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbo-trt",
@@ -246,6 +387,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
+    _add_export_triton(sub)
     return parser
 
 
@@ -259,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_generate(args)
         if args.command == "bench":
             return _run_bench(args)
+        if args.command == "serve":
+            return _run_serve(args)
+        if args.command == "export-triton":
+            return _run_export_triton(args)
         parser.error(f"unknown command {args.command}")
     except TurboTrtError as exc:
         print(f"turbo-trt: error: {exc}", file=sys.stderr)

@@ -48,3 +48,7 @@ class ExecutionError(TurboTrtError):
     def __init__(self, message: str, stage: str = "") -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class ExecutorUnavailable(TurboTrtError):
+    """The executor asked for cannot run on this machine (a package or the GPU is missing); says which."""

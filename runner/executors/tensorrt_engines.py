@@ -66,6 +66,56 @@ def deserialize(runtime: Any, trt: Any, path: Path) -> Any:
     return runtime.deserialize_cuda_engine(path.read_bytes())
 
 
+def _address(memory: Any) -> int:
+    """TensorRT hands a pointer back as an int or a PyCapsule, by version."""
+    if isinstance(memory, int) or memory is None:
+        return int(memory or 0)
+    import ctypes
+
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return int(get(memory, None) or 0)
+
+
+def counting_allocator(trt: Any) -> Any:
+    """An IGpuAllocator (cudaMalloc / cudaFree) that counts every allocation TensorRT asks for, however
+    small, so a test or bench can show that no image allocates device memory. Installed only on request
+    (`EngineSet(count_allocations=True)`): the default path keeps TensorRT's own allocator."""
+    from cuda.bindings import runtime as rt
+
+    class _Counting(trt.IGpuAllocator):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IGpuAllocator.__init__(self)
+            self.allocations = 0
+            self.allocated_bytes = 0
+
+        def allocate(self, size: int, alignment: int, flags: int) -> int:
+            if size == 0:
+                return 0
+            err, ptr = rt.cudaMalloc(int(size))
+            if int(err) != 0:
+                return 0
+            self.allocations += 1
+            self.allocated_bytes += int(size)
+            return int(ptr)
+
+        def allocate_async(self, size: int, alignment: int, flags: int, stream: int) -> int:
+            return self.allocate(size, alignment, flags)
+
+        def deallocate(self, memory: Any) -> bool:
+            address = _address(memory)
+            return address == 0 or int(rt.cudaFree(address)[0]) == 0
+
+        def deallocate_async(self, memory: Any, stream: int) -> bool:
+            rt.cudaStreamSynchronize(stream)
+            return self.deallocate(memory)
+
+        def reallocate(self, address: Any, alignment: int, new_size: int) -> int:
+            return 0  # not supported: TensorRT then allocates anew (and that is counted)
+
+    return _Counting()
+
+
 def scratch_size(engine: Any) -> int:
     """Device memory one execution context needs beyond the weights (TensorRT >= 10.1 has the _v2)."""
     size = getattr(engine, "device_memory_size_v2", None)
@@ -75,12 +125,17 @@ def scratch_size(engine: Any) -> int:
 class EngineSet:
     """Deserialized engines of one bundle (the weights), shareable by several executors."""
 
-    def __init__(self, bundle: Bundle, flavor: Flavor, gpu_name: str = "gpu", runtime_cache: bool = True) -> None:
+    def __init__(self, bundle: Bundle, flavor: Flavor, gpu_name: str = "gpu", runtime_cache: bool = True,
+                 count_allocations: bool = False) -> None:
         self.bundle = bundle
         self.flavor = flavor
         trt = flavor.trt
         self.logger: trt_api.ILogger = trt.Logger(trt.Logger.WARNING)
         self.runtime: trt_api.Runtime = trt.Runtime(self.logger)
+        self.allocator: Any = None  # with count_allocations: .allocations, .allocated_bytes
+        if count_allocations:
+            self.allocator = counting_allocator(trt)
+            self.runtime.gpu_allocator = self.allocator
         self.engines: dict[str, trt_api.ICudaEngine] = {}
         self.weights_bytes: dict[str, int] = {}  # measured: free device memory lost while deserializing
         for name in bundle.components():

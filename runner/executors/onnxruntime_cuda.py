@@ -1,0 +1,239 @@
+"""ONNX Runtime CUDA executor: the bundle's ONNX graphs on a GPU where its TensorRT engines cannot run (no
+TensorRT installed, or TensorRT-RTX engines on a GPU outside their targets, such as Hopper).
+
+Like the TensorRT executor, every buffer is an OrtValue allocated on the device at load and every session's
+IO binding is made once: the text encoders write the embeddings the UNet reads; the UNet has one binding
+per step position j (0 = the last step run) reading latents[j + 1] and writing latents[j]; the VAE encoder
+has one binding per possible number of UNet runs r, writing latents[r]; the decoder reads latents[0]. So
+nothing travels through the host between stages: per image the host updates the inputs in place (ids,
+noise, the plan's timesteps and coefficients: a few hundred bytes besides the noise), runs the sessions,
+and reads the uint8 image back. With CUDA graphs on (ONNX Runtime's `enable_cuda_graph`), each binding
+replays its own graph, told apart by the `gpu_graph_id` run option; a session whose graph cannot be
+captured (a node ONNX Runtime places on the CPU) is re-created without graphs, with a warning.
+
+The prompt cache keeps embeddings on the host (ONNX Runtime's Python API has no device-to-device copy);
+a hit uploads them in place of running the text encoders.
+
+`device="cpu"` runs the same bindings on the CPU provider: that is how the binding logic is tested on a
+machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from turbo_trt.errors import ExecutionError, ExecutorUnavailable
+from turbo_trt.io_contract import EMBEDDING_FEEDS, manifest_io
+
+from ..bundle import Bundle
+from ..inputs import Noise
+from ..schedule import Plan
+from .base import Executor, Timings
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class GraphFallbackWarning(RuntimeWarning):
+    """A session could not use CUDA graphs and runs without them."""
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the ONNX Runtime CUDA provider cannot run here, or None when it can."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'turbo-trt[onnxruntime-cuda]')"
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (available: "
+                f"{', '.join(ort.get_available_providers())}); install the GPU build: pip uninstall onnxruntime "
+                "&& pip install 'turbo-trt[onnxruntime-cuda]'")
+    from turbo_trt.gpu import current_gpu
+
+    if current_gpu() is None:
+        return "no NVIDIA GPU is visible (cuda-python and nvidia-smi found none)"
+    return None
+
+
+class OnnxRuntimeCudaExecutor(Executor):
+    name = "onnxruntime-cuda"
+
+    def __init__(self, bundle: Bundle, cache_size: int = 8, device: str = "cuda", cuda_graphs: bool = True,
+                 sessions: dict[str, Any] | None = None) -> None:
+        super().__init__(bundle, cache_size)
+        import onnxruntime as ort
+
+        if device == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason:
+                raise ExecutorUnavailable(f"the onnxruntime-cuda executor cannot run: {reason}")
+        elif device != "cpu":
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        self.ort = ort
+        self.device = device
+        self.cuda_graphs = cuda_graphs and device == "cuda"
+        self.io = manifest_io(bundle.manifest["components"])
+        self.sessions = sessions if sessions is not None else {
+            name: self._session(name, self.cuda_graphs) for name in bundle.components()}
+        self.graphs = {name: self.cuda_graphs for name in self.sessions}  # per session: graphs still on
+        scheduler = bundle.manifest["scheduler"]
+        self.max_steps = int(scheduler["max_steps"])
+        self.ancestral = bool(scheduler["ancestral"])
+        self._allocate()
+        self._bind()
+        self._slots: dict[int, dict[str, np.ndarray]] = {}
+        self._warm: set[tuple[str, int]] = set()  # (session, graph id) that have run once
+
+    # -- load ---------------------------------------------------------------------------------------------
+    def _session(self, name: str, graphs: bool) -> Any:
+        ort = self.ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.device == "cuda":
+            providers: list[Any] = [(CUDA_PROVIDER, {"device_id": 0, "enable_cuda_graph": "1" if graphs else "0"})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        path = self.bundle.path / self.bundle.component(name)["onnx"]
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+    def _value(self, component: str, tensor: str) -> Any:
+        t = self.io[component][tensor]
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), np.dtype(t.dtype), self.device, 0)
+
+    def _allocate(self) -> None:
+        b = self.bundle
+        value = self._value
+        self.ids = {e: value(e, "input_ids") for e in b.encoders}
+        self.embeddings = {unet_input: value("unet", unet_input) for _, _, unet_input in EMBEDDING_FEEDS[b.family]}
+        self.latents = [value("unet", "latents") for _ in range(self.max_steps + 1)]
+        self.timesteps = [value("unet", "timestep") for _ in range(self.max_steps)]
+        self.coeffs = [value("unet", "step_coeffs") for _ in range(self.max_steps)]
+        self.step_noise = [value("unet", "step_noise") for _ in range(self.max_steps if self.ancestral else 1)]
+        if not self.ancestral:
+            self.step_noise[0].update_inplace(np.zeros(self.io["unet"]["step_noise"].shape, np.float32))
+        self.image = value("vae_decoder", "image")
+        self.nonfinite = value("vae_decoder", "nonfinite")
+        if b.img2img:
+            self.init_image = value("vae_encoder", "image")
+            self.sample_noise = value("vae_encoder", "sample_noise")
+            self.latent_noise = value("vae_encoder", "latent_noise")
+            self.noise_sigma = value("vae_encoder", "noise_sigma")
+
+    def _binding(self, name: str, values: dict[str, Any]) -> Any:
+        binding = self.sessions[name].io_binding()
+        for tensor, ortvalue in values.items():
+            if self.io[name][tensor].is_input:
+                binding.bind_ortvalue_input(tensor, ortvalue)
+            else:
+                binding.bind_ortvalue_output(tensor, ortvalue)
+        return binding
+
+    def _bind(self) -> None:
+        """Every session's bindings, made once: binding i of a session replays CUDA graph id i + 1."""
+        b = self.bundle
+        self.bindings: dict[str, list[Any]] = {}
+        for encoder in b.encoders:
+            outputs = {output: self.embeddings[unet_input] for enc, output, unet_input in EMBEDDING_FEEDS[b.family]
+                       if enc == encoder}
+            self.bindings[encoder] = [self._binding(encoder, {"input_ids": self.ids[encoder], **outputs})]
+        self.bindings["unet"] = [self._binding("unet", {
+            "latents": self.latents[j + 1], "next_latents": self.latents[j], "timestep": self.timesteps[j],
+            "step_coeffs": self.coeffs[j], "step_noise": self.step_noise[j if self.ancestral else 0],
+            **self.embeddings}) for j in range(self.max_steps)]
+        if b.img2img:  # binding r - 1 writes latents[r], where a plan of r UNet runs starts
+            self.bindings["vae_encoder"] = [self._binding("vae_encoder", {
+                "image": self.init_image, "sample_noise": self.sample_noise, "latent_noise": self.latent_noise,
+                "noise_sigma": self.noise_sigma, "latents": self.latents[r]}) for r in range(1, self.max_steps + 1)]
+        self.bindings["vae_decoder"] = [self._binding("vae_decoder", {
+            "latents": self.latents[0], "image": self.image, "nonfinite": self.nonfinite})]
+
+    # -- per image ----------------------------------------------------------------------------------------
+    def _run(self, name: str, index: int, timings: Timings | None = None, label: str | None = None) -> None:
+        start = time.perf_counter()
+        options = self.ort.RunOptions()
+        if self.graphs[name]:
+            options.add_run_config_entry("gpu_graph_id", str(index + 1))
+        try:
+            self.sessions[name].run_with_iobinding(self.bindings[name][index], options)
+        except Exception as exc:
+            if not self.graphs[name] or (name, index) in self._warm:
+                raise ExecutionError(f"ONNX Runtime failed to run {label or name}: {exc}", stage=label or name) from exc
+            # the first run of a graph id captures it: a session that cannot be captured runs without graphs
+            warnings.warn(f"{name}: CUDA graph capture failed in ONNX Runtime ({exc}); running it without graphs",
+                          GraphFallbackWarning, stacklevel=3)
+            self.sessions[name] = self._session(name, graphs=False)
+            self.graphs[name] = False
+            self._bind()
+            self.sessions[name].run_with_iobinding(self.bindings[name][index], self.ort.RunOptions())
+        self._warm.add((name, index))
+        if timings is not None:
+            timings.append((label or name, time.perf_counter() - start))
+
+    def _fill(self, plan: Plan, noise: Noise, image: np.ndarray | None) -> None:
+        runs = plan.runs
+        if plan.mode == "img2img":
+            assert image is not None and noise.sample is not None
+            self.init_image.update_inplace(np.ascontiguousarray(image))
+            self.sample_noise.update_inplace(noise.sample)
+            self.latent_noise.update_inplace(noise.latents)
+            self.noise_sigma.update_inplace(np.array([plan.noise_sigma], np.float32))
+        else:
+            self.latents[runs].update_inplace(noise.latents)
+        for k in range(runs):
+            j = runs - 1 - k
+            self.timesteps[j].update_inplace(plan.timesteps[k:k + 1])
+            self.coeffs[j].update_inplace(np.ascontiguousarray(plan.coeffs[k]))
+            if self.ancestral:
+                step = noise.steps[k] if noise.steps else np.zeros_like(noise.latents)
+                self.step_noise[j].update_inplace(step)
+
+    def _generate(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise, image: np.ndarray | None,
+                  use_cache: bool, timings: Timings | None = None) -> tuple[np.ndarray, int]:
+        self._fill(plan, noise, image)
+        key = self.prompt_key(ids)
+        slot = self._lru.lookup(key) if use_cache else None
+        if slot is not None:
+            for name, array in self._slots[slot].items():
+                self.embeddings[name].update_inplace(array)
+        else:
+            for encoder in self.bundle.encoders:
+                self.ids[encoder].update_inplace(ids[encoder])
+                self._run(encoder, 0, timings)
+        if plan.mode == "img2img":
+            self._run("vae_encoder", plan.runs - 1, timings)
+        for k in range(plan.runs):
+            self._run("unet", plan.runs - 1 - k, timings, f"unet[{k}]")
+        self._run("vae_decoder", 0, timings)
+        start = time.perf_counter()
+        result = self.image.numpy(), int(self.nonfinite.numpy()[0])
+        if timings is not None:
+            timings.append(("download", time.perf_counter() - start))
+        if slot is None and use_cache:  # stored only once the whole image succeeded
+            new_slot = self._lru.assign(key)
+            if new_slot is not None:
+                self._slots[new_slot] = {name: value.numpy() for name, value in self.embeddings.items()}
+        return result
+
+    def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
+            image: np.ndarray | None) -> tuple[np.ndarray, int]:
+        return self._generate(ids, plan, noise, image, use_cache=True)
+
+    def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
+                     image: np.ndarray | None) -> Timings:
+        """Wall time per session run (each includes ONNX Runtime's own sync at the end of the run)."""
+        timings: Timings = []
+        self._generate(ids, plan, noise, image, use_cache=False, timings=timings)
+        return timings
+
+    def fork(self) -> OnnxRuntimeCudaExecutor:
+        """Own buffers and bindings; on the CPU the sessions (and weights) are shared. On the GPU each fork
+        opens its own sessions: a session's CUDA graphs belong to it, so two executors cannot share one."""
+        shared = self.sessions if self.device == "cpu" else None
+        return OnnxRuntimeCudaExecutor(self.bundle, self.cache_size, self.device, self.cuda_graphs, shared)
+
+    def graph_stats(self) -> dict[str, int]:
+        return {"sessions_with_graphs": sum(self.graphs.values()),
+                "sessions_without_graphs": sum(not on for on in self.graphs.values())}

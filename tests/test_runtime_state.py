@@ -1,0 +1,71 @@
+"""Small state machines of the GPU path that need no GPU: the prompt cache's two-phase slot use (a failed
+run must not leave a slot that later serves a hit) and the runtime-cache file (atomic, locked)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+from turbo_trt.runner.cache import SlotLRU
+from turbo_trt.runner.runtime_cache import cache_path, read_cache, write_cache
+
+
+def test_next_slot_is_what_assign_returns_and_changes_nothing():
+    lru = SlotLRU(2)
+    assert lru.next_slot(b"a") == 0 and len(lru) == 0
+    assert lru.assign(b"a") == 0
+    assert lru.next_slot(b"b") == 1 and lru.assign(b"b") == 1
+    lru.lookup(b"a")  # b is now the least recently used
+    assert lru.next_slot(b"c") == 1 and lru.lookup(b"b") == 1  # peeking evicted nothing
+    lru.lookup(b"a")
+    assert lru.assign(b"c") == 1 and lru.lookup(b"b") is None
+
+
+def test_failed_fill_evicts_the_slot_it_may_have_overwritten():
+    lru = SlotLRU(1)
+    lru.assign(b"old")
+    slot = lru.next_slot(b"new")  # the run writes into the old prompt's slot, then fails
+    lru.evict_slot(slot)
+    assert lru.lookup(b"old") is None and lru.lookup(b"new") is None
+    assert lru.next_slot(b"new") == slot  # and the slot is free again
+
+
+def _writer(path: str, byte: int) -> None:
+    for _ in range(30):
+        assert write_cache(Path(path), bytes([byte]) * 200_000)
+
+
+def test_runtime_cache_file_is_never_torn(tmp_path):
+    path = cache_path(tmp_path, "NVIDIA H100 80GB HBM3", "1.7.1.116")
+    assert path.parent.name == "runtime_cache" and path.name == "nvidia-h100-80gb-hbm3-1.7.1.116.bin"
+    assert read_cache(path) is None
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_writer, args=(str(path), b)) for b in (1, 2)]
+    for w in writers:
+        w.start()
+    seen = set()
+    while any(w.is_alive() for w in writers):
+        data = read_cache(path)
+        if data is not None:
+            assert len(data) == 200_000 and len(set(data)) == 1  # one writer's whole file, never a mix
+            seen.add(data[0])
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert read_cache(path)[0] in (1, 2) and seen <= {1, 2}
+    assert not [p for p in path.parent.iterdir() if p.name not in (path.name, path.name + ".lock")]
+
+
+def test_runtime_cache_in_a_read_only_bundle_is_skipped(tmp_path):
+    path = cache_path(tmp_path / "ro", "gpu", "1.0")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        import os
+
+        if os.geteuid() == 0:  # root writes anyway; check the writable case instead
+            assert write_cache(path, b"x") and read_cache(path) == b"x"
+        else:
+            assert write_cache(path, b"x") is False and read_cache(path) is None
+    finally:
+        (tmp_path / "ro").chmod(0o700)
