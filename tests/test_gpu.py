@@ -1,8 +1,11 @@
-"""Tier 2: the TensorRT executor on a real NVIDIA GPU (skipped without one).
+"""Tier 2: the GPU executors on a real NVIDIA GPU (skipped without one).
 
-Builds the tiny SD bundle on this GPU with the installed flavor, then checks: TensorRT output against the
-ONNX Runtime executor, CUDA-graph replay against plain enqueue (bit for bit), no device allocation per
-image, the prompt cache, and forks sharing one set of engines.
+Builds the tiny SD bundle on this GPU with the installed flavor, then checks, for the TensorRT executor and
+(where onnxruntime-gpu is installed) the ONNX Runtime CUDA executor: output against the ONNX Runtime CPU
+executor, CUDA-graph replay against plain enqueue bit for bit (1, 2, 4 steps, txt2img and img2img), no
+device allocation per image, the prompt cache, forks in threads, and an injected failure that leaves the
+executor usable. Allocation is measured two ways: free device memory (2 MiB pages) and, for TensorRT, a
+counting allocator that sees every allocation TensorRT makes, however small.
 """
 
 from __future__ import annotations
@@ -45,45 +48,144 @@ def trt_pipe(gpu_bundle):
     return TurboPipeline.from_bundle(gpu_bundle, executor="tensorrt", strict_targets=_strict(gpu_bundle))
 
 
-def test_tensorrt_matches_onnxruntime(gpu_bundle, trt_pipe):
+@pytest.fixture(scope="module")
+def counted_pipe(gpu_bundle):
+    """TensorRT with a counting IGpuAllocator on its runtime (every allocation TensorRT makes)."""
+    from turbo_trt.flavors import load_flavor
+    from turbo_trt.manifest import read_manifest
     from turbo_trt.runner import TurboPipeline
+    from turbo_trt.runner.bundle import open_bundle
+    from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
 
-    ort_pipe = TurboPipeline.from_bundle(gpu_bundle, executor="onnxruntime")
-    for steps in (1, 4):
-        ours = trt_pipe("a photo of a cat", num_inference_steps=steps, seed=5, output_type="np")
-        ref = ort_pipe("a photo of a cat", num_inference_steps=steps, seed=5, output_type="np")
-        diff = np.abs(ours.astype(int) - ref.astype(int))
-        # Both run the same FP16 graphs; TensorRT's kernels round differently from ONNX Runtime's CPU ones.
-        assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
-    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    ours = trt_pipe("a cat", image=image, strength=0.5, num_inference_steps=2, seed=1, output_type="np")
-    ref = ort_pipe("a cat", image=image, strength=0.5, num_inference_steps=2, seed=1, output_type="np")
-    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 3
+    bundle = open_bundle(gpu_bundle, files="engine")
+    flavor = load_flavor(read_manifest(gpu_bundle)["engine"]["flavor"])
+    engines = EngineSet(bundle, flavor, count_allocations=True)
+    return TurboPipeline(bundle, TensorRTExecutor(engines))
 
 
-def test_graph_replay_equals_plain_enqueue(gpu_bundle, trt_pipe):
+def _cuda_pipe(gpu_bundle, **kwargs):
+    from turbo_trt.runner.bundle import open_bundle
+    from turbo_trt.runner.executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor, cuda_unavailable_reason
+    from turbo_trt.runner.pipeline import TurboPipeline
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"onnxruntime-cuda: {reason}")
+    bundle = open_bundle(gpu_bundle, files="onnx")
+    return TurboPipeline(bundle, OnnxRuntimeCudaExecutor(bundle, **kwargs))
+
+
+@pytest.fixture(scope="module", params=["tensorrt", "onnxruntime-cuda"])
+def gpu_pipes(request, gpu_bundle, trt_pipe):
+    """(graphed pipeline, the same executor kind without graphs) for each GPU executor that runs here."""
     from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
     from turbo_trt.runner.pipeline import TurboPipeline
 
-    eager = TurboPipeline(trt_pipe.bundle, TensorRTExecutor(trt_pipe.executor.engines, use_graphs=False))
-    for steps in (1, 2, 4):
-        graphed = trt_pipe("a red boat", num_inference_steps=steps, seed=9, output_type="np")
-        plain = eager("a red boat", num_inference_steps=steps, seed=9, output_type="np")
-        np.testing.assert_array_equal(graphed, plain)
-    captured, failed = trt_pipe.executor.graph_counts()
-    assert captured > 0 and failed == 0
+    if request.param == "tensorrt":
+        return trt_pipe, TurboPipeline(trt_pipe.bundle, TensorRTExecutor(trt_pipe.executor.engines, use_graphs=False))
+    return _cuda_pipe(gpu_bundle), _cuda_pipe(gpu_bundle, cuda_graphs=False)
 
 
-def test_no_device_allocation_per_image(trt_pipe):
+IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+CASES = [(1, None), (2, None), (4, None), (2, 0.5), (4, 0.75)]
+
+
+@pytest.mark.parametrize("steps,strength", CASES)
+def test_matches_onnxruntime_cpu(gpu_bundle, gpu_pipes, steps, strength):
+    from turbo_trt.runner import TurboPipeline
+
+    ort_pipe = TurboPipeline.from_bundle(gpu_bundle, executor="onnxruntime")
+    extra = {} if strength is None else {"image": IMAGE, "strength": strength}
+    ours = gpu_pipes[0]("a photo of a cat", num_inference_steps=steps, seed=5, output_type="np", **extra)
+    ref = ort_pipe("a photo of a cat", num_inference_steps=steps, seed=5, output_type="np", **extra)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # Both run the same FP16 graphs; GPU kernels round differently from ONNX Runtime's CPU ones.
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("steps,strength", CASES)
+def test_graph_replay_equals_plain_run(gpu_pipes, steps, strength):
+    graphed, plain = gpu_pipes
+    extra = {} if strength is None else {"image": IMAGE, "strength": strength}
+    for prompt in ("a red boat", "a red boat"):  # the second call replays the graph without encoders
+        a = graphed(prompt, num_inference_steps=steps, seed=9, output_type="np", **extra)
+        b = plain(prompt, num_inference_steps=steps, seed=9, output_type="np", **extra)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tensorrt_captures_every_graph(trt_pipe):
+    trt_pipe("capture", num_inference_steps=2, seed=0, output_type="np")
+    stats = trt_pipe.executor.graph_stats()
+    assert stats["graphs_captured"] > 0 and stats["capture_failures"] == 0 and stats["plain_enqueue_fallbacks"] == 0
+
+
+def test_no_tensorrt_allocation_per_image(counted_pipe):
     from turbo_trt.runner import cuda
 
-    trt_pipe("warm", num_inference_steps=2, seed=0, output_type="np")  # capture happens here
-    trt_pipe("warm", num_inference_steps=2, seed=0, output_type="np")  # and the cached-prompt variant
+    for steps in (1, 2):  # capture both variants of both plans first
+        counted_pipe("warm", num_inference_steps=steps, seed=0, output_type="np")
+        counted_pipe("warm", num_inference_steps=steps, seed=0, output_type="np")
+    allocator = counted_pipe.executor.engines.allocator
+    count, free_before = allocator.allocations, cuda.memory_info()[0]
+    for seed in range(20):
+        counted_pipe(f"prompt {seed % 3}", num_inference_steps=1 + seed % 2, seed=seed, output_type="np")
+    assert allocator.allocations == count
+    assert cuda.memory_info()[0] == free_before
+
+
+def test_no_device_allocation_per_image_onnxruntime_cuda(gpu_bundle):
+    from turbo_trt.runner import cuda
+
+    pipe = _cuda_pipe(gpu_bundle)
+    for _ in range(3):
+        pipe("warm", num_inference_steps=2, seed=0, output_type="np")
     free_before, _ = cuda.memory_info()
     for seed in range(20):
-        trt_pipe(f"prompt {seed % 3}", num_inference_steps=2, seed=seed, output_type="np")
-    free_after, _ = cuda.memory_info()
-    assert free_after == free_before
+        pipe(f"prompt {seed % 3}", num_inference_steps=2, seed=seed, output_type="np")
+    assert cuda.memory_info()[0] == free_before
+
+
+class _FailingOnce:
+    """An execution context whose next enqueue is refused (as TensorRT refuses a bad address or state)."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.armed = True
+
+    def execute_async_v3(self, stream) -> bool:
+        if self.armed:
+            self.armed = False
+            return False
+        return self.context.execute_async_v3(stream)
+
+    def __getattr__(self, name):
+        return getattr(self.context, name)
+
+
+def test_injected_failure_leaves_executor_usable(gpu_bundle, trt_pipe):
+    from turbo_trt.errors import ExecutionError
+    from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
+    from turbo_trt.runner.pipeline import TurboPipeline
+
+    pipe = TurboPipeline(trt_pipe.bundle, TensorRTExecutor(trt_pipe.executor.engines, use_graphs=False))
+    want = pipe("a failing cat", num_inference_steps=2, seed=4, output_type="np")
+    pipe.executor._lru.clear()
+    key = "unet@1"
+    pipe.executor.contexts[key] = _FailingOnce(pipe.executor.contexts[key])
+    with pytest.raises(ExecutionError, match="unet@1") as info:
+        pipe("a failing cat", num_inference_steps=2, seed=4, output_type="np")
+    assert info.value.stage == "unet@1"
+    assert pipe.executor.cache_stats()["entries"] == 0  # the failed run filled no prompt-cache slot
+    np.testing.assert_array_equal(pipe("a failing cat", num_inference_steps=2, seed=4, output_type="np"), want)
+    pipe.close()
+
+
+def test_runtime_cache_written_beside_the_engines(gpu_bundle, trt_pipe):
+    engines = trt_pipe.executor.engines
+    if engines.cache is None:
+        pytest.skip(f"{engines.flavor.name} has no runtime cache")
+    trt_pipe("cache", num_inference_steps=1, seed=0, output_type="np")
+    assert engines.save_runtime_cache() and engines.cache_file.stat().st_size > 0
 
 
 def test_prompt_cache_on_device(trt_pipe):
@@ -98,3 +200,31 @@ def test_forks_share_engines(trt_pipe):
     fork = trt_pipe.fork()
     assert fork.executor.engines is trt_pipe.executor.engines
     np.testing.assert_array_equal(fork("a cat", seed=3, output_type="np"), trt_pipe("a cat", seed=3, output_type="np"))
+
+
+def test_forks_in_threads(gpu_pipes):
+    import threading
+
+    graphed, _ = gpu_pipes
+    want = {i: graphed(f"thread {i}", num_inference_steps=2, seed=i, output_type="np") for i in range(4)}
+    forks = [graphed.fork() for _ in range(3)]
+    got: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(pipe, indices):
+        try:
+            for i in indices:
+                got[i] = pipe(f"thread {i}", num_inference_steps=2, seed=i, output_type="np")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f, [n, (n + 1) % 4])) for n, f in enumerate([graphed, *forks])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, image in got.items():
+        np.testing.assert_array_equal(image, want[i])
+    for f in forks:
+        f.close()
