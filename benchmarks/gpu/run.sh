@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Run THERE (the GPU machine), in the repository root: `run.sh PHASE [PHASE ...]`, phases in order:
-#   install     unpack .wh1 + .wh2 into .site, install turbo-trt editable (no network)
-#   tests       tests/test_gpu.py: TensorRT executor vs ONNX Runtime, graph replay vs plain enqueue,
-#               no per-image device allocation, prompt cache, forks (tiny bundle built on this GPU)
+#   install     unpack .wh1 ... .wh7 into .site, install turbo-trt editable (no network)
+#   probe       does TensorRT-RTX run here? tiny bundles built with targets `current` and the portable
+#               default, loaded and run; every outcome and message into rtx-probe.json
+#   tests       tests/test_gpu.py on every GPU executor that runs (TensorRT, ONNX Runtime CUDA): vs ONNX
+#               Runtime CPU, graph replay vs plain run, no per-image allocation, failures, forks
+#   sd-current  full-size SD-Turbo built with TensorRT-RTX --targets current on this GPU, 1-step bench
+#   sd-ort      bench SD-Turbo (built by `sd`) with the onnxruntime-cuda executor, 1 step
 #   sd          build full-size random-weight SD-Turbo with TensorRT-RTX on this GPU, then bench it
 #               against diffusers FP16 eager (1 and 4 steps)
 #   sd-compile  bench SD-Turbo again with the torch.compile baseline as well
 #   sdxl        build and bench full-size random-weight SDXL-Turbo (eager baseline)
 # Results go to $OUT (at most 8 files come back per call; each phase writes fewer). See benchmarks/gpu/README.md.
 set -uo pipefail
-[ $# -gt 0 ] || { echo "usage: run.sh install|tests|sd|sd-compile|sdxl ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: run.sh install|probe|tests|sd|sd-current|sd-ort|sd-compile|sdxl ..." >&2; exit 2; }
 OUT=${OUT:-/tmp/turbo-trt-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
@@ -30,9 +34,12 @@ for phase in "$@"; do
 echo "=== $phase ($(date +%T))"
 case $phase in
   install)
-    bash .wh1/wheelhouse-install.sh .site .wh1 .wh2 &&
+    bash .wh1/wheelhouse-install.sh .site .wh[0-9] &&
       python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
-      python3 -c "import tensorrt_rtx, diffusers, turbo_trt.runner.executors.tensorrt as t; print('ok', tensorrt_rtx.__version__, diffusers.__version__)"
+      python3 -c "import tensorrt_rtx, diffusers, onnxruntime as o, turbo_trt.runner.executors.tensorrt as t; print('ok', tensorrt_rtx.__version__, diffusers.__version__, o.__version__, o.get_available_providers())"
+    ;;
+  probe)
+    python3 benchmarks/gpu/rtx_probe.py "$OUT/rtx-probe.json" 2>&1 | tail -20
     ;;
   tests)
     { nvidia-smi; python3 -c "import json; from turbo_trt.benchmarks.environment import environment as e; print(json.dumps(e()))"
@@ -43,6 +50,14 @@ case $phase in
       --out engines/sd-turbo-random --results "$OUT" --name build-sd 2>&1 | tail -5 &&
       full sd-turbo-random bench-sd-1step 1 &&
       bench sd-turbo-random bench-sd-4step 4 --no-baseline
+    ;;
+  sd-current)
+    cli build --model sd-turbo --random-weights --flavor tensorrt-rtx --targets current \
+      --out engines/sd-turbo-random-current -q 2>&1 | tail -5 &&
+      bench sd-turbo-random-current bench-sd-current-1step 1 --no-baseline
+    ;;
+  sd-ort)
+    full sd-turbo-random bench-sd-1step-ort 1 --executor onnxruntime-cuda --no-baseline
     ;;
   sd-compile)
     full sd-turbo-random bench-sd-1step-compile 1 --compile

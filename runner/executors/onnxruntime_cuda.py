@@ -72,6 +72,8 @@ class OnnxRuntimeCudaExecutor(Executor):
                 raise ExecutorUnavailable(f"the onnxruntime-cuda executor cannot run: {reason}")
         elif device != "cpu":
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels (torch's, or onnxruntime-gpu[cuda,cudnn])
         self.ort = ort
         self.device = device
         self.cuda_graphs = cuda_graphs and device == "cuda"
@@ -97,7 +99,13 @@ class OnnxRuntimeCudaExecutor(Executor):
         else:
             providers = ["CPUExecutionProvider"]
         path = self.bundle.path / self.bundle.component(name)["onnx"]
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if self.device == "cuda" and session.get_providers()[0] != CUDA_PROVIDER:
+            raise ExecutorUnavailable(
+                f"ONNX Runtime could not start its CUDA provider for {name} (providers: {session.get_providers()}): "
+                "the CUDA 13 / cuDNN 9 libraries it loads are missing; install them (pip install "
+                "'onnxruntime-gpu[cuda,cudnn]') or put them on LD_LIBRARY_PATH")
+        return session
 
     def _value(self, component: str, tensor: str) -> Any:
         t = self.io[component][tensor]
