@@ -98,6 +98,7 @@ class TensorRTExecutor(Executor):
         self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
         self._events: list[Any] = []
         self._broken: str | None = None  # a sync that could not complete: the CUDA context is unusable
+        self._weights_version = engines.weights_version
 
     # -- load -------------------------------------------------------------------------------------------------
     def _set_scratch(self, context: Any) -> None:
@@ -187,6 +188,34 @@ class TensorRTExecutor(Executor):
                 raise RuntimeError(f"{key}'s execution context is not stream-capturable "
                                    "(engine built without REQUIRE_USER_ALLOCATION? rebuild with `turbo-trt build`)")
 
+    # -- run-time weights (LoRA) -------------------------------------------------------------------------------
+    def set_weights(self, updates: Any, current_weight: Any = None) -> None:
+        """Refit the shared engines with new graph weights: component -> {initializer: value, or None for the
+        base value from `current_weight(component, name)`}. Needs engines built with --refittable. Every
+        executor sharing the engines (forks) drops its captured graphs and prompt cache before its next image,
+        since both were made with the old weights."""
+        from .tensorrt_refit import refit_engines
+
+        self._check_usable()
+        cuda.synchronize(self.stream)
+        engines = self.engines
+        try:
+            refit_engines(engines.flavor.trt, engines.engines, engines.logger, updates, current_weight,
+                          log=lambda message: print(f"turbo-trt: {message}", flush=True))
+        finally:
+            engines.weights_version += 1  # even a half-done refit changed weights: recapture everywhere
+
+    def _follow_weights(self) -> None:
+        """Drop graphs and cached embeddings made before the shared engines were last refitted."""
+        if self._weights_version != self.engines.weights_version:
+            cuda.synchronize(self.stream)
+            for captured in self._graphs.values():
+                cuda.destroy_graph(captured.graph, captured.graph_exec)
+            self._graphs.clear()
+            self._capture_failures.clear()
+            self._lru.clear()
+            self._weights_version = self.engines.weights_version
+
     # -- per image --------------------------------------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._broken:
@@ -194,6 +223,7 @@ class TensorRTExecutor(Executor):
                                  "load the bundle again", stage="sync")
         if self.stream is None:
             raise ExecutionError("this executor was closed", stage="load")
+        self._follow_weights()
 
     def _recover(self, stage: str, exc: BaseException) -> ExecutionError:
         """After a failure: wait for whatever was enqueued before touching host buffers again."""

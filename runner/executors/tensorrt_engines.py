@@ -147,6 +147,7 @@ class EngineSet:
                                   "(its log above says why)")
             self.weights_bytes[name] = max(0, free_before - cuda.memory_info()[0])
             self.engines[name] = engine
+        self.weights_version = 0  # bumped by every refit; executors recapture their graphs when it moves
         self.cache_file: Path | None = None
         self.cache: Any = None
         self.cache_loaded = False  # a cache file was there and TensorRT-RTX accepted it
