@@ -122,7 +122,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildReport:
     progress = progress or Progress()
     start = time.perf_counter()
     check_shape_options(opts)
-    src = sources.resolve_source(opts.model, opts.revision, opts.random_weights)
+    src = sources.resolve_source(opts.model, opts.revision, opts.random_weights, vae=opts.vae,
+                                 vae_fp32=opts.vae_fp32)
     configs = sources.part_configs(src)
     check_model_shapes(opts, configs)
     flavor = None if opts.onnx_only else load_flavor(opts.flavor)
@@ -229,6 +230,11 @@ def export_stage(
 
         fingerprints = dict(stale)
         specs = [spec_by_name(name) for name, _ in stale]
+        # A stale entry no longer describes what the bundle is built from (say --vae changed): the manifest
+        # stops claiming it until its new graph has passed validation.
+        for name in fingerprints:
+            manifest["components"].pop(name, None)
+        write_manifest(bundle, manifest)
         for spec, entry in export_and_validate(pipe, src.family, dims, specs, bundle, opts, vocab_sizes(configs),
                                                progress):
             entry["onnx_fingerprint"] = fingerprints[spec.name]
@@ -267,6 +273,7 @@ def _manifest_head(
         "vae": {
             "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),
             "force_upcast": bool(vae.get("force_upcast", False)),
+            "source": src.vae_record(parts["vae"], vae),
         },
         "tokenizers": old.get("tokenizers", {}),
         "engine": engine_info if engine_info is not None else old.get("engine"),

@@ -16,18 +16,30 @@ from typing import Any
 from turbo_trt.fsutil import peak_rss_mib, sha256_file
 from turbo_trt.progress import Progress
 
-from .export import example_inputs, staged_export
+from .export import staged_export
 from .options import BuildOptions
 from .specs import ComponentSpec, Dims
-from .validate import run_onnx, torch_reference, validate_outputs
-from .wrappers import build_wrapper
+from .validate import (
+    DECODED,
+    PeakActivation,
+    float_outputs,
+    nonfinite_count_check,
+    run_onnx,
+    torch_reference,
+    validate_outputs,
+)
+from .validation_inputs import ValidationInputs
+from .wrappers import VaeDecodeGraph, build_wrapper
 
 
-def precision_of(spec: ComponentSpec, pipe: Any, family: str) -> str:
+def precision_of(spec: ComponentSpec, pipe: Any, family: str, vae_fp32: bool = False) -> str:
     """FP16, except the FP32 island diffusers itself keeps: the SDXL pipelines run the VAE in FP32 when its
     config says `force_upcast` (it overflows in FP16). The SD pipelines never upcast (and AutoencoderKL's
-    default config says force_upcast=True for every VAE), so the flag counts for SDXL only."""
-    if spec.fp32_if_force_upcast and family == "sdxl" and bool(getattr(pipe.vae.config, "force_upcast", False)):
+    default config says force_upcast=True for every VAE), so the flag counts for SDXL only; AutoencoderTiny
+    always says False. `vae_fp32` (--vae-fp32) makes the VAE FP32 whatever its config says. Whatever runs
+    in FP16 must pass the validation gate (validate.py)."""
+    if spec.fp32_if_force_upcast and (vae_fp32 or (
+            family == "sdxl" and bool(getattr(pipe.vae.config, "force_upcast", False)))):
         return "fp32"
     return "fp16"
 
@@ -45,6 +57,7 @@ def export_and_validate(
     import torch
 
     _quiet_libraries()
+    inputs = ValidationInputs(pipe, family, dims, bundle, opts.validation_seed)
     parts: list[str] = []
     for spec in specs:
         if spec.parts[0] not in parts:
@@ -56,24 +69,34 @@ def export_and_validate(
         prepared = []
         for spec in group:
             _, outputs = spec.io(family)
-            vocab = vocab_sizes.get(part, vocab_sizes.get("text_encoder", 2))
-            feeds = example_inputs(spec, family, dims, vocab, opts.validation_seed)
-            progress.info(f"{spec.name}: PyTorch FP32 reference ...")
-            wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
+            progress.info(f"{spec.name}: PyTorch FP32 reference on the validation inputs ...")
             start = time.perf_counter()
-            reference = torch_reference(wrapper, feeds, [t.name for t in outputs])
-            prepared.append((spec, feeds, reference, round(time.perf_counter() - start, 2)))
-        for spec, feeds, reference, reference_seconds in prepared:
-            precision = precision_of(spec, pipe, family)
+            feeds = inputs.feeds(spec)
+            wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
+            decoder = wrapper if isinstance(wrapper, VaeDecodeGraph) else None
+            if decoder is not None:
+                decoder.keep_float = True
+            with PeakActivation(module) as peak:
+                reference = torch_reference(wrapper, feeds, [t.name for t in outputs])
+            if decoder is not None and decoder.last_float is not None:
+                reference[DECODED] = decoder.last_float.numpy()
+                inputs.record_image(reference["image"])
+            prepared.append((spec, feeds, reference, peak.peak, round(time.perf_counter() - start, 2)))
+        for spec, feeds, reference, peak_activation, reference_seconds in prepared:
+            precision = precision_of(spec, pipe, family, opts.vae_fp32)
             module.to(torch.float16 if precision == "fp16" else torch.float32)
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
             progress.info(f"{spec.name}: exporting {precision.upper()} ONNX ...")
             with staged_export(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx") as facts:
                 progress.info(f"{spec.name}: validating with ONNX Runtime ...")
-                candidate = run_onnx(facts["staged"], feeds)
-                validation = validate_outputs(spec.name, reference, candidate, opts.min_cosine)
-            cosines = ", ".join(f"{k} {v['cosine']:.7f}" for k, v in validation["outputs"].items())
-            progress.info(f"{spec.name}: exported in {facts['export_seconds']:.1f} s; cosine vs FP32: {cosines}")
+                validation = _validate(spec, facts["staged"], feeds, reference, precision, peak_activation, opts)
+                candidate = validation.pop("candidate", None)
+                if spec.name == "unet" and candidate is not None:
+                    inputs.record_prediction(candidate["next_latents"])
+            errors = ", ".join(f"{k} {v['rel_error']:.2e}" for k, v in validation["outputs"].items()
+                               if v.get("rel_error") is not None)
+            progress.info(f"{spec.name}: exported in {facts['export_seconds']:.1f} s; relative error vs FP32: "
+                          f"{errors}; FP32 peak activation {peak_activation:.4g}")
             input_records, output_records = io_records(spec, family, dims)
             onnx_files = facts["onnx_files"]
             hashes = [sha256_file(bundle / f) for f in onnx_files]
@@ -86,6 +109,30 @@ def export_and_validate(
             }
         setattr(pipe, part, None)
         del module
+
+
+def _validate(
+    spec: ComponentSpec, staged: Path, feeds: dict[str, Any], reference: dict[str, Any], precision: str,
+    peak_activation: float, opts: BuildOptions,
+) -> dict[str, Any]:
+    """Run the staged graph on the validation inputs and gate it (validate.py). The decoder is judged on
+    its float image before the uint8 cast (a validation-only copy of the graph exposes it) and on its own
+    NaN/inf counter; its uint8 image's level differences are recorded beside."""
+    import numpy as np
+
+    if spec.name != "vae_decoder":
+        candidate = run_onnx(staged, feeds)
+        validation = validate_outputs(spec.name, reference, candidate, opts.min_cosine, precision=precision,
+                                      peak_activation=peak_activation)
+        return {**validation, "candidate": candidate}
+    candidate = run_onnx(float_outputs(staged), feeds)
+    gated = {DECODED: reference[DECODED], "nonfinite": reference["nonfinite"]}
+    validation = validate_outputs(spec.name, gated, candidate, opts.min_cosine, precision=precision,
+                                  peak_activation=peak_activation)
+    nonfinite_count_check(spec.name, candidate["nonfinite"], precision)
+    levels = np.abs(candidate["image"].astype(np.int32) - reference["image"].astype(np.int32))
+    validation["uint8_image"] = {"max_level_diff": int(levels.max()), "mean_level_diff": float(levels.mean())}
+    return validation
 
 
 def _quiet_libraries() -> None:

@@ -27,3 +27,6 @@ class BuildOptions:
     min_cosine: float = DEFAULT_MIN_COSINE
     validation_seed: int = 0
     engine: EngineOptions = field(default_factory=EngineOptions)
+    # --vae: "tiny", a hub id or a local directory in place of the pipeline's VAE (see vae.py); None: its own
+    vae: str | None = None
+    vae_fp32: bool = False  # --vae-fp32: export the VAE in FP32 whatever its config says

@@ -68,6 +68,23 @@ def _tiny_vae(scaling_factor: float) -> dict[str, Any]:
     }
 
 
+def tiny_taesd_config() -> dict[str, Any]:
+    """The tiny presets' `--vae tiny`: AutoencoderTiny (TAESD) with its real structure (three 2x stages,
+    down-sampling factor 8, relu, the tanh latent clamp) at toy width, one block per stage."""
+    return {
+        "_class_name": "AutoencoderTiny", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "encoder_block_out_channels": [8, 8, 8, 8], "decoder_block_out_channels": [8, 8, 8, 8],
+        "num_encoder_blocks": [1, 1, 1, 1], "num_decoder_blocks": [1, 1, 1, 1], "act_fn": "relu",
+        "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "latent_magnitude": 3, "latent_shift": 0.5,
+        "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False,
+    }
+
+
+def shipped_taesd_config(family: str) -> dict[str, Any]:
+    """The full-size TAESD architecture config (madebyollin/taesd or taesdxl) shipped in configs/."""
+    return _shipped_json("taesdxl" if family == "sdxl" else "taesd", "config.json")
+
+
 def _tiny_unet(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
@@ -164,9 +181,7 @@ def build_part(spec: ModelSpec, part: str, dtype: Any = None, device: Any = None
 
                 model = UNet2DConditionModel.from_config(config)
             elif part == "vae":
-                from diffusers import AutoencoderKL
-
-                model = AutoencoderKL.from_config(config)
+                model = build_vae(config)
             else:
                 import transformers
 
@@ -179,6 +194,26 @@ def build_part(spec: ModelSpec, part: str, dtype: Any = None, device: Any = None
     if any(p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+def build_vae(config: dict[str, Any]) -> Any:
+    """An AutoencoderKL or AutoencoderTiny (config's `_class_name`) with the current RNG's weights.
+
+    AutoencoderTiny's default initialization decodes to a nearly constant near-black image (its decoder
+    ends in a plain conv after a stack of small-gain ones, then maps [0, 1] to [-1, 1]); the last conv's
+    bias is set to 0.5, the middle of its output range, so random weights decode to a textured mid-grey
+    picture that the parity tests can compare. Trained weights (hub, local) are never touched."""
+    import diffusers
+    import torch
+
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ValueError(f"unsupported VAE class {name!r}")
+    model = getattr(diffusers, name).from_config(config)
+    if name == "AutoencoderTiny":
+        with torch.no_grad():
+            model.decoder.layers[-1].bias.fill_(0.5)
+    return model
 
 
 def build_scheduler(spec: ModelSpec) -> Any:

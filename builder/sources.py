@@ -8,6 +8,7 @@ diffusers pipeline. Only stdlib at module level; torch / diffusers / huggingface
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from turbo_trt.errors import SourceError
 
 from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
 from .tiny_tokenizer import tiny_tokenizer_fingerprint, write_tiny_clip_tokenizer
+from .vae import VaeChoice, check_vae_fits, normalized_config, resolve_vae
 
 ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
 PRESETS = ("tiny-sd-turbo", "tiny-sdxl-turbo")
@@ -56,28 +58,62 @@ class ResolvedSource:
     revision: str | None  # hub: the resolved commit hash
     family: str  # "sd" | "sdxl"
     local_dir: Path | None  # pipeline directory on disk (hub snapshot or local); None for preset/random
+    vae: VaeChoice | None = None  # --vae: a replacement for the pipeline's VAE
+    vae_fp32: bool = False  # --vae-fp32: the VAE graphs are exported in FP32 whatever the config says
 
     @property
     def parts(self) -> tuple[str, ...]:
         return parts_for(self.family)
 
     def part_fingerprints(self) -> dict[str, str]:
-        """Part name -> sha256 that changes whenever that part's config or weights change."""
+        """Part name -> sha256 that changes whenever that part's config or weights change (the "vae" part:
+        the replacement VAE's, and the precision override)."""
         if self.local_dir is None:
-            return _spec_fingerprints(_spec(self))
-        model_index = _read_json(self.local_dir / "model_index.json")
-        variant = choose_variant(self.local_dir, self.parts)
-        return {
-            part: _dir_part_fingerprint(self.local_dir / part, model_index.get(part), variant)
-            for part in self.parts
-        }
+            out = _spec_fingerprints(_spec(self))
+        else:
+            model_index = _read_json(self.local_dir / "model_index.json")
+            variant = choose_variant(self.local_dir, self.parts)
+            out = {
+                part: _dir_part_fingerprint(self.local_dir / part, model_index.get(part), variant)
+                for part in self.parts
+            }
+        if self.vae is not None:
+            out["vae"] = self.vae.fingerprint()
+        if self.vae_fp32:
+            out["vae"] = hashlib.sha256(f"{out['vae']}:fp32".encode()).hexdigest()
+        return out
+
+    def vae_record(self, fingerprint: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Where the bundle's VAE comes from, for the manifest."""
+        if self.vae is None:
+            record = {"argument": None, "kind": "pipeline", "id": self.model_id, "revision": self.revision}
+        else:
+            record = {"argument": self.vae.argument, "kind": self.vae.kind, "id": self.vae.model_id,
+                      "revision": self.vae.revision}
+        return {**record, "class": config.get("_class_name", "AutoencoderKL"), "fingerprint": fingerprint,
+                "fp32_override": self.vae_fp32}
 
 
 def resolve_source(
-    model: str, revision: str | None = None, random_weights: bool = False, cache_dir: Path | None = None
+    model: str, revision: str | None = None, random_weights: bool = False, cache_dir: Path | None = None,
+    vae: str | None = None, vae_fp32: bool = False,
 ) -> ResolvedSource:
-    """Resolve ``--model`` (preset, alias, hub id or directory); downloads hub snapshots (configs,
-    tokenizers and one weight variant). Raises :class:`SourceError` with what to do instead."""
+    """Resolve ``--model`` (preset, alias, hub id or directory) and ``--vae`` (see vae.py); downloads hub
+    snapshots (configs, tokenizers and one weight variant). Raises :class:`SourceError` with what to do
+    instead."""
+    src = _resolve_model(model, revision, random_weights, cache_dir)
+    if vae is None and not vae_fp32:
+        return src
+    choice = None
+    if vae is not None:
+        seed = _spec(src).seed + PART_SEED_OFFSETS["vae"] if src.local_dir is None else None
+        choice = resolve_vae(vae, src.kind, src.family, seed, cache_dir)
+    return dataclasses.replace(src, vae=choice, vae_fp32=vae_fp32)
+
+
+def _resolve_model(
+    model: str, revision: str | None, random_weights: bool, cache_dir: Path | None
+) -> ResolvedSource:
     if model in PRESETS:
         _no_revision(model, revision, "a tiny preset")
         return ResolvedSource(model, "preset", model, None, preset_spec(model).family, None)
@@ -236,15 +272,21 @@ def _spec_fingerprints(spec: ModelSpec) -> dict[str, str]:
 
 
 def part_configs(src: ResolvedSource) -> dict[str, dict[str, Any]]:
-    """Config dict of every model part and the scheduler (no weights are read)."""
+    """Config dict of every model part and the scheduler (no weights are read). With ``--vae``, "vae" is the
+    replacement's config, checked against the UNet here (before any export)."""
     if src.local_dir is None:
         spec = _spec(src)
-        return {p: spec.config(p) for p in spec.configs}
-    out = {p: _read_json(src.local_dir / p / "config.json") for p in WEIGHT_PARTS if p in src.parts}
-    scheduler = _read_json(src.local_dir / "scheduler" / "scheduler_config.json")
-    # diffusers instantiates the class model_index names, whatever the scheduler config says.
-    scheduler["_class_name"] = _read_json(src.local_dir / "model_index.json")["scheduler"][1]
-    return {**out, "scheduler": scheduler}
+        out = {p: spec.config(p) for p in spec.configs}
+    else:
+        out = {p: _read_json(src.local_dir / p / "config.json") for p in WEIGHT_PARTS if p in src.parts}
+        scheduler = _read_json(src.local_dir / "scheduler" / "scheduler_config.json")
+        # diffusers instantiates the class model_index names, whatever the scheduler config says.
+        scheduler["_class_name"] = _read_json(src.local_dir / "model_index.json")["scheduler"][1]
+        out["scheduler"] = scheduler
+    if src.vae is not None:
+        out["vae"] = normalized_config(src.vae.config)
+        check_vae_fits(out["vae"], out["unet"], f"--vae {src.vae.argument}")
+    return out
 
 
 class _DropTorchvisionNotices(logging.Filter):
@@ -288,6 +330,8 @@ def load_pipeline(src: ResolvedSource, torch_dtype: Any = None) -> Any:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SourceError(f"could not load the pipeline in {src.local_dir}: {exc}") from exc
         _check_components(pipe, sdxl)
+    if src.vae is not None:
+        pipe.vae = src.vae.load(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -94,25 +94,49 @@ class UNetStepGraph(nn.Module):
 
 
 class _VaeGraph(nn.Module):
-    """Holds the VAE and its latent scaling (`scaling_factor`, optional `shift_factor`)."""
+    """Holds the VAE and its latent conventions, honoured as the family's diffusers pipelines do:
+    `scaling_factor`, an optional `shift_factor`, and for SDXL per-channel `latents_mean` / `latents_std`
+    when the config has both. `AutoencoderTiny` (TAESD) has scaling 1 and no shift; its latent_magnitude /
+    latent_shift only serve its own 8-bit latent round trip (`forward`), which the pipelines never use."""
 
-    def __init__(self, vae: Any) -> None:
+    latents_mean: torch.Tensor
+    latents_std: torch.Tensor
+
+    def __init__(self, vae: Any, family: str = "sd") -> None:
         super().__init__()
         self.vae: Any = vae
+        self.tiny = type(vae).__name__ == "AutoencoderTiny"
         self.scaling = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift = float(shift) if shift is not None else 0.0
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        self.per_channel = family == "sdxl" and mean is not None and std is not None
+        if self.per_channel:
+            view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+            self.register_buffer("latents_mean", view(mean), persistent=False)
+            self.register_buffer("latents_std", view(std), persistent=False)
 
 
 class VaeDecodeGraph(_VaeGraph):
     """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
-    `decode(latents / scaling_factor [+ shift])`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded
-    (half to even, like numpy). Transposes happen in float: TensorRT has no uint8 Transpose. A second
-    output counts the non-finite decoded values, so NaN/inf can be reported instead of cast to black."""
+    `decode(latents / scaling_factor [+ shift])` (SDXL with latents_mean/std: `latents * std / scaling +
+    mean`), then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded (half to even, like numpy). Transposes happen in
+    float: TensorRT has no uint8 Transpose. A second output counts the non-finite decoded values, so NaN/inf
+    can be reported instead of cast to black; the validation gate compares the float image that count
+    reads (see validate.float_outputs). With `keep_float` set, the float image of the last call is kept in
+    `last_float` (the FP32 reference's side of that comparison; never set while exporting)."""
+
+    keep_float = False
+    last_float: torch.Tensor | None = None
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = latents / self.scaling + self.shift
+        if self.per_channel:
+            z = latents * self.latents_std / self.scaling + self.latents_mean
+        else:
+            z = latents / self.scaling + self.shift
         decoded = self.vae.decode(z.to(_dtype_of(self.vae)), return_dict=False)[0].to(torch.float32)
+        if self.keep_float:
+            self.last_float = decoded.detach()
         nonfinite = torch.logical_not(torch.isfinite(decoded)).sum(dtype=torch.int32).reshape(1)
         image = (decoded / 2 + 0.5).clamp(0, 1) * 255
         return image.permute(0, 2, 3, 1).round().to(torch.uint8), nonfinite
@@ -122,16 +146,28 @@ class VaeEncodeGraph(_VaeGraph):
     """uint8 NHWC RGB + noise -> the img2img pipeline's noised starting latents:
     `scaling * (mean + std * sample_noise) + noise_sigma * latent_noise`, where the first noise is the
     posterior sample's (`latent_dist.sample`) and the second the scheduler's `add_noise` at the first
-    img2img timestep (noise_sigma = that step's sigma)."""
+    img2img timestep (noise_sigma = that step's sigma).
+
+    AutoencoderTiny has no posterior: its encoder's output is the latents (diffusers' `retrieve_latents`
+    takes `.latents` and draws no noise), so `sample_noise` is ignored. It stays a graph input, as the
+    runner's IO contract says, by entering the sum multiplied by zero (exact for the finite noise the
+    runner feeds)."""
 
     def forward(
         self, image: torch.Tensor, sample_noise: torch.Tensor, latent_noise: torch.Tensor, noise_sigma: torch.Tensor
     ) -> torch.Tensor:
         dtype = _dtype_of(self.vae)
         pixels = (image.to(torch.float32).permute(0, 3, 1, 2) / 255.0) * 2.0 - 1.0
-        dist = self.vae.encode(pixels.to(dtype), return_dict=False)[0]
-        sample = dist.mean + dist.std * sample_noise.to(dtype)
-        init = ((sample.to(torch.float32) - self.shift) * self.scaling)
+        if self.tiny:
+            sample = self.vae.encode(pixels.to(dtype), return_dict=False)[0].to(torch.float32)
+            sample = sample + 0.0 * sample_noise
+        else:
+            dist = self.vae.encode(pixels.to(dtype), return_dict=False)[0]
+            sample = (dist.mean + dist.std * sample_noise.to(dtype)).to(torch.float32)
+        if self.per_channel:
+            init = (sample - self.latents_mean) * self.scaling / self.latents_std
+        else:
+            init = (sample - self.shift) * self.scaling
         return init + noise_sigma * latent_noise
 
 
@@ -145,7 +181,7 @@ def build_wrapper(component: str, pipe: Any, family: str, height: int, width: in
         time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
         return UNetStepGraph(pipe.unet, time_ids if family == "sdxl" else None)
     if component == "vae_decoder":
-        return VaeDecodeGraph(pipe.vae)
+        return VaeDecodeGraph(pipe.vae, family)
     if component == "vae_encoder":
-        return VaeEncodeGraph(pipe.vae)
+        return VaeEncodeGraph(pipe.vae, family)
     raise KeyError(component)

@@ -91,7 +91,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="export the VAE in FP32 whatever its config says (the fix when its FP16 graph fails "
                         "validation)")
     p.add_argument("--min-cosine", type=float, default=d["min_cosine"],
-                   help="fail validation when an output's cosine similarity to PyTorch FP32 is lower")
+                   help="fail validation when an output's cosine similarity to PyTorch FP32 (values centred "
+                        "on the reference's mean) is lower; per-component relative-error limits apply too")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
                    help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys; a local file or hub id "
                         "owner/name[/file.safetensors]) into the weights before export, scale default 1.0; "
