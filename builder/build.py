@@ -148,6 +148,10 @@ def _build_locked(
     specs = specs_for(src.family, img2img=opts.img2img)
     dims = dims_from_configs(configs, opts.batch, opts.height, opts.width, vae_scale_factor(configs))
     parts = src.part_fingerprints()
+    from .lora_bake import lora_part_fingerprints, resolve_baked_loras
+
+    baked = resolve_baked_loras(opts.loras)
+    onnx_parts = lora_part_fingerprints(parts, baked)  # baked LoRAs change only the parts they touch
     old = read_manifest_or_none(bundle) or {}
     if opts.force:
         old = {}
@@ -156,12 +160,14 @@ def _build_locked(
     }
     manifest = _manifest_head(opts, src, configs, dims, parts, old, flavor)
     manifest["components"] = components
+    manifest["lora"] = {"baked": baked, "refittable": opts.engine.refittable}
 
     stale = []
     for spec in specs:
         entry = components.get(spec.name, {})
-        fingerprint = onnx_fingerprint(spec, opts, parts)
-        if entry.get("onnx_fingerprint") == fingerprint and files_intact(bundle, entry, "onnx_files", "onnx_file_sha256"):
+        fingerprint = onnx_fingerprint(spec, opts, onnx_parts)
+        if entry.get("onnx_fingerprint") == fingerprint and files_intact(bundle, entry, "onnx_files", "onnx_file_sha256") \
+                and not _needs_weight_map(spec, entry, opts):
             continue
         stale.append((spec, fingerprint))
     tokenizers_stale = any(
@@ -220,6 +226,9 @@ def export_stage(
     progress.info(f"loading {src.argument} ({src.kind}) ...")
     start = time.perf_counter()
     pipe = sources.load_pipeline(src)
+    from .lora_bake import bake_loras
+
+    bake_loras(pipe, manifest.get("lora", {}).get("baked", []), src.family, progress)
     load_seconds = round(time.perf_counter() - start, 2)
     manifest["tokenizers"] = _write_tokenizers(pipe, bundle, parts)
     write_manifest(bundle, manifest)
@@ -242,6 +251,14 @@ def export_stage(
             exported.append(spec.name)
             write_manifest(bundle, manifest)
     return {"manifest": manifest, "load_seconds": load_seconds, "exported": exported}
+
+
+def _needs_weight_map(spec: ComponentSpec, entry: dict[str, Any], opts: BuildOptions) -> bool:
+    """A refittable build re-exports a LoRA-touchable graph that was exported without its weight map."""
+    from turbo_trt.runner.lora import PART_COMPONENT, weight_map_name
+
+    return (opts.engine.refittable and spec.name in PART_COMPONENT.values()
+            and f"onnx/{weight_map_name(spec.name)}" not in entry.get("onnx_files", []))
 
 
 def vocab_sizes(configs: dict[str, dict[str, Any]]) -> dict[str, int]:

@@ -87,7 +87,8 @@ def export_and_validate(
             module.to(torch.float16 if precision == "fp16" else torch.float32)
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
             progress.info(f"{spec.name}: exporting {precision.upper()} ONNX ...")
-            with staged_export(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx") as facts:
+            with staged_export(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx",
+                               weight_map=opts.engine.refittable) as facts:
                 progress.info(f"{spec.name}: validating with ONNX Runtime ...")
                 validation = _validate(spec, facts["staged"], feeds, reference, precision, peak_activation, opts)
                 candidate = validation.pop("candidate", None)

@@ -40,10 +40,12 @@ class EngineOptions:
     workspace_gib: float | None = None  # None: TensorRT's default (the GPU's memory)
     # TensorRT-RTX compute capabilities ("8.9", or "current" for the local GPU); () = the build's default
     targets: tuple[str, ...] = field(default_factory=tuple)
+    # BuilderFlag.REFIT: weights can be replaced in the built engine (run-time LoRAs, see runner/lora.py)
+    refittable: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,
-                "targets": list(self.targets)}
+                "targets": list(self.targets), "refittable": self.refittable}
 
 
 def _make_progress_monitor(flavor: Flavor, progress: Progress, label: str) -> Any:
@@ -165,6 +167,8 @@ def build_engine(
     flag = capture_flag(flavor)
     if flag is not None:
         config.set_flag(flag)
+    if options.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
     if flavor.ahead_of_time and options.targets:
@@ -193,12 +197,25 @@ def build_engine(
     serialized: trt_api.IHostMemory | None = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"{flavor.name} failed to build {onnx_path.name}: "
-                               + ("; ".join(log.errors) or "no error message"))
+                               + ("; ".join(log.errors) or "no error message") + _refit_hint(flavor, options))
     if cache is not None and timing_cache is not None:
         from turbo_trt.fsutil import atomic_write_bytes
 
         atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
     return bytes(serialized), time.perf_counter() - start
+
+
+def _refit_hint(flavor: Flavor, options: EngineOptions) -> str:
+    """TensorRT-RTX 1.7 fails every REFIT build on a machine without a GPU (Myelin's CUDA check), even a
+    single MatMul; say so rather than leave the user with Myelin's message."""
+    if not options.refittable:
+        return ""
+    from turbo_trt.gpu import current_gpu
+
+    where = "" if current_gpu() is not None else f" (this machine has no GPU: {flavor.name} {flavor.version} builds " \
+        "refittable engines only with one)"
+    return (f". The build was --refittable{where}; build refittable engines on a machine with an NVIDIA GPU, or use "
+            "--onnx-only --refittable to swap LoRAs with ONNX Runtime")
 
 
 def _build_engine_file(flavor_name: str, onnx_path: Path, options: EngineOptions, engine_path: Path,

@@ -69,17 +69,24 @@ def weight_bytes(module: Any) -> int:
 
 @contextlib.contextmanager
 def staged_export(
-    module: Any, spec: ComponentSpec, family: str, feeds: dict[str, np.ndarray], dest: Path
+    module: Any, spec: ComponentSpec, family: str, feeds: dict[str, np.ndarray], dest: Path,
+    weight_map: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Export `module` into a staging folder beside `dest` and yield facts incl. the staged graph path.
 
     The files move to their final names (data files first, the graph last) only when the `with` body
     (validation) succeeds; on any error the staging folder is removed and nothing is left under `dest`.
+    With `weight_map` (refittable bundles) a component that LoRAs touch keeps every initializer in
+    `<name>.onnx.data` and gets `<component>.weights.json`, the map from module weights to initializers
+    (see lora_map.py).
     """
     import torch
 
+    from .lora_map import LORA_COMPONENTS
+
     inputs, outputs = spec.io(family)
-    external = weight_bytes(module) > EXTERNAL_DATA_BYTES
+    weight_map = weight_map and spec.name in LORA_COMPONENTS
+    external = weight_map or weight_bytes(module) > EXTERNAL_DATA_BYTES
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=dest.parent))
     try:
@@ -95,11 +102,17 @@ def staged_export(
                 if program is None:
                     raise ExportError(f"torch.onnx.export returned nothing for {spec.name}")
                 program.save(str(staged), external_data=external)
+                if weight_map:
+                    from .lora_map import externalize_weights
+
+                    externalize_weights(staged)  # every float weight at a byte offset in one data file
         except ExportError:
             raise
         except Exception as exc:
             raise ExportError(f"exporting {spec.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
         _check_io(staged, inputs, outputs, spec.name)
+        if weight_map:
+            _write_weight_map(module, spec, staged, staging)
         data_files = sorted(p for p in staging.iterdir() if p.name != dest.name)
         yield {
             "staged": staged,
@@ -111,6 +124,20 @@ def staged_export(
             os.replace(path, dest.parent / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_weight_map(module: Any, spec: ComponentSpec, staged: Path, staging: Path) -> None:
+    import json
+
+    from turbo_trt.runner.lora import weight_map_name
+
+    from .lora_map import record_weight_map
+
+    try:
+        mapping = record_weight_map(module, spec.name, spec.parts[0], staged)
+    except ValueError as exc:
+        raise ExportError(f"{spec.name}: recording the weight map for refitting failed: {exc}") from exc
+    (staging / weight_map_name(spec.name)).write_text(json.dumps(mapping, indent=1, sort_keys=True) + "\n")
 
 
 def _check_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], name: str) -> None:

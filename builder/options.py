@@ -30,3 +30,5 @@ class BuildOptions:
     # --vae: "tiny", a hub id or a local directory in place of the pipeline's VAE (see vae.py); None: its own
     vae: str | None = None
     vae_fp32: bool = False  # --vae-fp32: export the VAE in FP32 whatever its config says
+    # LoRAs fused into the weights before export: (path or hub id, scale), in order (see lora_bake.py)
+    loras: tuple[tuple[str, float], ...] = ()

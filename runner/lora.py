@@ -1,0 +1,475 @@
+"""LoRA files: read, map their keys onto a model's modules, and compute merged weights. Torch-free.
+
+A LoRA adds `scale * (alpha / rank) * up @ down` to the weight of each module it names (for a convolution,
+`down` is a k x k convolution to `rank` channels and `up` a 1 x 1 one; their product is reshaped to the
+kernel). Two key styles are read, for the UNet and the text encoder(s):
+
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (also `lora.down` / `lora.up` and
+  the older `processor.to_q_lora.down` spellings), `text_encoder.<module>...`, `text_encoder_2.<module>...`;
+  alpha from the file's `lora_adapter_metadata` (`<part>.lora_alpha`, `<part>.alpha_pattern`) or an
+  `<module>.alpha` tensor, else alpha = rank (what diffusers assumes).
+- kohya (sd-scripts): `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
+  `lora_te_` (SD) or `lora_te1_` / `lora_te2_` (SDXL). The UNet names may be diffusers' (`down_blocks_0_
+  attentions_0_...`) or the original SD checkpoint's (`input_blocks_4_1_...`, `middle_block_1_...`,
+  `output_blocks_3_1_...`) for the attention blocks; underscores are resolved against the model's real
+  module names, never guessed.
+
+Module paths are relative to the diffusers part (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
+`encoder.layers.0.self_attn.q_proj`); a text encoder's `text_model.` prefix (transformers 4) is dropped so
+both transformers generations name the same module the same way.
+
+Every check (family, unknown keys, shapes) runs while a file is read, before anything is changed: a bad
+LoRA raises `LoraError` naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from turbo_trt.errors import InputError
+
+#: Model parts a LoRA may touch, and the bundle component each part's weights live in.
+LORA_PARTS = ("unet", "text_encoder", "text_encoder_2")
+PART_COMPONENT = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16}
+
+#: module path -> weight shape, per part: what a LoRA is checked against.
+ModuleShapes = Mapping[str, Mapping[str, tuple[int, ...]]]
+
+
+class LoraError(InputError):
+    """A LoRA that cannot be applied: unreadable, for another model, unknown keys or mismatched shapes."""
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One module's low-rank pair: down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), alpha."""
+
+    down: np.ndarray
+    up: np.ndarray
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, scale: float) -> np.ndarray:
+        """`scale * alpha / rank * up @ down` in float32, shaped like the module's weight."""
+        up = self.up.astype(np.float32).reshape(self.up.shape[0], self.rank)
+        down = self.down.astype(np.float32).reshape(self.rank, -1)
+        product = up @ down
+        shape = (self.up.shape[0], *self.down.shape[1:])
+        return (product * np.float32(scale * self.alpha / self.rank)).reshape(shape)
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA: (part, module path) -> layer, plus where it came from."""
+
+    path: Path
+    sha256: str
+    layers: dict[tuple[str, str], LoraLayer] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> list[str]:
+        return sorted({part for part, _ in self.layers})
+
+
+def parse_lora_argument(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale); scale defaults to 1.0. Only a trailing `:number` is a scale."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, parsed here (8-byte header size, JSON header, data):
+    no torch, no safetensors package. BF16 is widened to float32."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LoraError(f"cannot read LoRA {path}: {exc}") from exc
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise LoraError(f"{path} is not a safetensors file ({exc})") from exc
+    body = memoryview(data)[8 + size:]
+    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    tensors: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise LoraError(f"{path}: tensor {key} has dtype {info.get('dtype')}; LoRA tensors must be F16, BF16, F32 or F64")
+        start, end = info["data_offsets"]
+        array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[key] = array
+    return tensors, metadata
+
+
+def canonical_module(part: str, module: str) -> str:
+    """Text encoders: drop transformers 4's `text_model.` level (transformers 5 has none)."""
+    if part.startswith("text_encoder") and module.startswith("text_model."):
+        return module[len("text_model."):]
+    return module
+
+
+# --- key parsing -------------------------------------------------------------------------------------------
+
+_PEFT_SUFFIXES = (
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"), (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
+)
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """(prefix-bearing name, role, style) where role is down / up / alpha, or None if not a LoRA key."""
+    if key.startswith(tuple(_KOHYA_PREFIXES)):
+        for suffix, role in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
+            if key.endswith(suffix):
+                return key[: -len(suffix)], role, "kohya"
+        return None
+    old = _OLD_PROCESSOR.search(key)
+    if old:
+        target = old.group(1) + (".0" if old.group(1) == "to_out" else "")
+        return key[: old.start()] + "." + target, old.group(2), "diffusers"
+    for suffix, role in _PEFT_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, "diffusers"
+    return None
+
+
+def _layers_per_block(unet_modules: Mapping[str, object]) -> int:
+    """The UNet's layers_per_block: how many resnets its first down block has."""
+    found = [int(m.group(1)) for name in unet_modules if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", name))]
+    return max(found) + 1 if found else 2
+
+
+def _ldm_to_diffusers(name: str, layers: int) -> str:
+    """Original SD checkpoint names of the UNet's attention blocks -> diffusers' (underscored). Each level
+    has `layers` + 1 input blocks (the last one down-samples) and `layers` + 1 output blocks."""
+    m = re.match(r"input_blocks_(\d+)_1_(.*)", name)
+    if m:
+        n = int(m.group(1))
+        return f"down_blocks_{(n - 1) // (layers + 1)}_attentions_{(n - 1) % (layers + 1)}_{m.group(2)}"
+    m = re.match(r"output_blocks_(\d+)_1_(.*)", name)
+    if m:
+        n = int(m.group(1))
+        return f"up_blocks_{n // (layers + 1)}_attentions_{n % (layers + 1)}_{m.group(2)}"
+    m = re.match(r"middle_block_1_(.*)", name)
+    if m:
+        return f"mid_block_attentions_0_{m.group(1)}"
+    return name
+
+
+def _resolve(name: str, style: str, family: str, modules: ModuleShapes, key: str, path: Path) -> tuple[str, str]:
+    """(part, module path) of a key's module name, checked against the model's modules."""
+    if style == "kohya":
+        prefix = next(p for p in sorted(_KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p))
+        part = _KOHYA_PREFIXES[prefix]
+        _check_part(part, family, key, path)
+        flat = name[len(prefix):]
+        if part == "unet":
+            flat = _ldm_to_diffusers(flat, _layers_per_block(modules.get("unet", {})))
+        else:
+            flat = flat.removeprefix("text_model_")
+        table = {module.replace(".", "_"): module for module in modules.get(part, {})}
+        if flat not in table:
+            raise LoraError(f"{path}: key {key}: no module of the {part} is named {flat!r} "
+                            f"(kohya naming); is this LoRA for another model?")
+        return part, table[flat]
+    part, _, module = name.partition(".")
+    if part not in LORA_PARTS:
+        raise LoraError(f"{path}: key {key}: LoRAs may touch {', '.join(LORA_PARTS)}, not {part!r}")
+    _check_part(part, family, key, path)
+    module = canonical_module(part, module)
+    if module not in modules.get(part, {}):
+        raise LoraError(f"{path}: key {key}: the {part} has no module {module!r}; is this LoRA for another model?")
+    return part, module
+
+
+def _check_part(part: str, family: str, key: str, path: Path) -> None:
+    if part == "text_encoder_2" and family != "sdxl":
+        raise LoraError(f"{path}: key {key} is for a second text encoder: this LoRA is for SDXL, the model is "
+                        f"{family.upper()}")
+
+
+def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """part -> {"lora_alpha": float | None, "alpha_pattern": {pattern: alpha}} from diffusers' metadata."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    out: dict[str, dict[str, object]] = {}
+    for key, value in data.items():
+        part, _, name = key.partition(".")
+        if name in ("lora_alpha", "alpha_pattern"):
+            out.setdefault(part, {})[name] = value
+    return out
+
+
+def _alpha_for(part: str, module: str, rank: int, explicit: float | None, peft: dict[str, dict[str, object]]) -> float:
+    if explicit is not None:
+        return explicit
+    info = peft.get(part, {})
+    pattern = info.get("alpha_pattern") or {}
+    if isinstance(pattern, dict):
+        for regex, alpha in pattern.items():
+            if re.fullmatch(rf"(.*\.)?{regex}", module):
+                return float(alpha)
+    alpha = info.get("lora_alpha")
+    return float(alpha) if isinstance(alpha, (int, float)) else float(rank)
+
+
+def lora_parts(path: Path | str) -> list[str]:
+    """The model parts a LoRA file names (from its keys alone; `load_lora` checks the rest)."""
+    tensors, _ = read_safetensors(Path(path))
+    parts = set()
+    for key in tensors:
+        split = _split_key(key)
+        if split is None:
+            raise LoraError(f"{path}: key {key} is not a LoRA weight this reader knows")
+        name, _, style = split
+        if style == "kohya":
+            parts.add(next(part for prefix, part in sorted(_KOHYA_PREFIXES.items(), key=lambda kv: -len(kv[0]))
+                           if name.startswith(prefix)))
+        else:
+            part = name.partition(".")[0]
+            if part not in LORA_PARTS:
+                raise LoraError(f"{path}: key {key}: LoRAs may touch {', '.join(LORA_PARTS)}, not {part!r}")
+            parts.add(part)
+    return sorted(parts)
+
+
+def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
+    """Read and check a LoRA against a model's modules (part -> module path -> weight shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"LoRA file not found: {path}")
+    tensors, metadata = read_safetensors(path)
+    peft = _peft_alphas(metadata)
+    pieces: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    keys: dict[tuple[str, str], str] = {}
+    for key in sorted(tensors):
+        split = _split_key(key)
+        if split is None:
+            raise LoraError(f"{path}: key {key} is not a LoRA weight this reader knows (expected lora_A/lora_B, "
+                            "lora.down/lora.up or kohya lora_down/lora_up/alpha names)")
+        name, role, style = split
+        target = _resolve(name, style, family, modules, key, path)
+        if role in pieces.setdefault(target, {}):
+            raise LoraError(f"{path}: key {key}: {target[0]} module {target[1]} has two {role} tensors")
+        pieces[target][role] = tensors[key]
+        keys.setdefault(target, key)
+    if not pieces:
+        raise LoraError(f"{path} holds no tensors")
+    lora = LoraFile(path=path, sha256=sha256_of(path))
+    for (part, module), roles in pieces.items():
+        key = keys[(part, module)]
+        if "down" not in roles or "up" not in roles:
+            raise LoraError(f"{path}: key {key}: {part} module {module} lacks its "
+                            f"{'down (lora_A)' if 'down' not in roles else 'up (lora_B)'} weight")
+        down, up = roles["down"], roles["up"]
+        shape = tuple(modules[part][module])
+        rank = int(down.shape[0]) if down.ndim else 0
+        expected_down = (rank, shape[1], *shape[2:])
+        expected_up = (shape[0], rank, *((1, 1) if len(shape) == 4 else ()))
+        if down.ndim != len(shape) or tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
+            raise LoraError(
+                f"{path}: key {key}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {part} "
+                f"module {module} with weight {shape}; is this LoRA for another model?")
+        explicit = float(roles["alpha"].reshape(-1)[0]) if "alpha" in roles else None
+        alpha = _alpha_for(part, module, rank, explicit, peft)
+        lora.layers[(part, module)] = LoraLayer(np.asarray(down), np.asarray(up), alpha)
+    return lora
+
+
+def merged_weight(base: np.ndarray, contributions: list[tuple[float, LoraLayer]]) -> np.ndarray:
+    """`base + sum(deltas)` computed in float32 from the kept base value and rounded once to base's dtype.
+
+    Always from the base, never from a previous merge: any sequence of swaps gives the same bits as
+    applying the final set once, and an empty set gives back the base bit for bit."""
+    if not contributions:
+        return base
+    total = base.astype(np.float32)
+    for scale, layer in contributions:
+        total += layer.delta(scale)
+    return total.astype(base.dtype)
+
+
+# --- bundles: weight maps, base values, run-time swaps ---------------------------------------------------
+
+#: Version of the weight-map file written at export (onnx/<component>.weights.json).
+WEIGHT_MAP_FORMAT = 1
+Updates = dict[str, dict[str, "np.ndarray | None"]]
+
+
+def weight_map_name(component: str) -> str:
+    return f"{component}.weights.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """An initializer of the exported graph that carries a module's weight (in `layout`)."""
+
+    initializer: str
+    layout: str  # "identity" | "transpose" (2-D: the graph holds weight.T)
+    offset: int
+    length: int
+    shape: tuple[int, ...]
+
+
+def _to_graph_layout(weight: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(weight.T) if layout == "transpose" else np.ascontiguousarray(weight)
+
+
+class BundleLoras:
+    """Run-time LoRAs of one refittable bundle: the export-time weight maps, the kept base values of the
+    weights touched so far, and the set applied now. `plan` computes what an executor must change."""
+
+    def __init__(self, path: Path, manifest: Mapping[str, object]) -> None:
+        lora_info = manifest.get("lora") or {}
+        if not isinstance(lora_info, dict) or not lora_info.get("refittable"):
+            raise LoraError(f"{path} was not built refittable: rebuild it with `turbo-trt build --refittable` to swap "
+                            "LoRAs at run time, or bake a LoRA in with `turbo-trt build --lora PATH[:SCALE]`")
+        self.path = Path(path)
+        self.family = str(manifest["model"]["family"])  # type: ignore[index]
+        components = manifest["components"]
+        assert isinstance(components, dict)
+        self.maps: dict[str, dict[str, object]] = {}
+        for part, component in PART_COMPONENT.items():
+            entry = components.get(component)
+            if entry is None:
+                continue
+            self.maps[part] = self._read_map(component, entry)
+        self._base: dict[tuple[str, str], np.ndarray] = {}
+        self.applied: dict[tuple[str, str], list[tuple[float, LoraLayer]]] = {}
+        self.loras: dict[str, float] = {}
+
+    def _read_map(self, component: str, entry: Mapping[str, object]) -> dict[str, object]:
+        rel = f"onnx/{weight_map_name(component)}"
+        files = list(entry.get("onnx_files") or [])  # type: ignore[call-overload]
+        if rel not in files:
+            raise LoraError(f"{self.path}: {component} has no weight map ({rel}); rebuild with `turbo-trt build "
+                            "--refittable`")
+        digest = list(entry["onnx_file_sha256"])[files.index(rel)]  # type: ignore[call-overload]
+        file = self.path / rel
+        if not file.is_file() or sha256_of(file) != digest:
+            raise LoraError(f"{self.path}: {rel} is missing or does not match the manifest; rebuild the bundle")
+        data: dict[str, object] = json.loads(file.read_text())
+        if data.get("format") != WEIGHT_MAP_FORMAT:
+            raise LoraError(f"{file}: weight map format {data.get('format')!r}, this turbo-trt reads "
+                            f"{WEIGHT_MAP_FORMAT}; rebuild the bundle")
+        return data
+
+    def module_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        for part, data in self.maps.items():
+            modules = data["modules"]
+            assert isinstance(modules, dict)
+            out[part] = {name: tuple(info["shape"]) for name, info in modules.items()}
+        return out
+
+    def _targets(self, part: str, module: str) -> list[Target]:
+        info = self.maps[part]["modules"][module]  # type: ignore[index]
+        return [Target(t["initializer"], t["layout"], int(t["offset"]), int(t["length"]), tuple(t["shape"]))
+                for t in info["targets"]]
+
+    def base(self, part: str, module: str) -> np.ndarray:
+        """The module's base weight (module layout), read once from the graph's data file and kept."""
+        key = (part, module)
+        if key not in self._base:
+            target = self._targets(part, module)[0]
+            data_file = self.path / "onnx" / str(self.maps[part]["data_file"])
+            raw = np.fromfile(data_file, dtype=np.float16, count=target.length // 2, offset=target.offset)
+            value = raw.reshape(target.shape)
+            self._base[key] = np.ascontiguousarray(value.T) if target.layout == "transpose" else value
+        return self._base[key]
+
+    def current_weight(self, component: str, initializer: str) -> np.ndarray:
+        """An initializer's value as it stands (base, or the applied LoRAs' merge), in the graph's layout:
+        for refitters that need more weights than the ones that change."""
+        part = next(p for p, c in PART_COMPONENT.items() if c == component)
+        data = self.maps[part]
+        for module, info in data["modules"].items():  # type: ignore[attr-defined]
+            for t in info["targets"]:
+                if t["initializer"] == initializer:
+                    value = merged_weight(self.base(part, module), self.applied.get((part, module), []))
+                    return _to_graph_layout(value, t["layout"])
+        other = data.get("other_initializers", {})
+        assert isinstance(other, dict)
+        if initializer in other:
+            spec = other[initializer]
+            data_file = self.path / "onnx" / str(data["data_file"])
+            raw = np.fromfile(data_file, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
+                              offset=int(spec["offset"]))
+            return raw.reshape(spec["shape"])
+        raise LoraError(f"{self.path}: {component} has no initializer {initializer!r} in its weight map")
+
+    def load(self, loras: Mapping[str | Path, float]) -> dict[tuple[str, str], list[tuple[float, LoraLayer]]]:
+        """Read and check every LoRA (nothing is changed on error); (part, module) -> [(scale, layer)]."""
+        shapes = self.module_shapes()
+        wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]] = {}
+        for source, scale in loras.items():
+            if not isinstance(scale, (int, float)) or not np.isfinite(scale):
+                raise LoraError(f"LoRA {source}: scale must be a finite number, got {scale!r}")
+            lora = load_lora(Path(source), self.family, shapes)
+            for (part, module), layer in lora.layers.items():
+                info = self.maps[part]["modules"][module]  # type: ignore[index]
+                if info.get("unmapped"):
+                    raise LoraError(f"{source}: {part} module {module} cannot be refitted ({info['unmapped']}); "
+                                    "bake this LoRA in with `turbo-trt build --lora` instead")
+                if not info["targets"]:
+                    continue  # the exporter pruned the module (unused by the graph): no effect on images
+                wanted.setdefault((part, module), []).append((float(scale), layer))
+        return wanted
+
+    def plan(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> Updates:
+        """component -> {initializer: new value, or None for back to base} for every initializer whose
+        value changes from the applied set to `wanted`."""
+        updates: Updates = {}
+        for key in set(wanted) | set(self.applied):
+            part, module = key
+            if key not in wanted:
+                value = None
+            else:
+                value = merged_weight(self.base(part, module), wanted[key])
+            for target in self._targets(part, module):
+                updates.setdefault(PART_COMPONENT[part], {})[target.initializer] = (
+                    None if value is None else _to_graph_layout(value, target.layout))
+        return updates
+
+    def commit(self, loras: Mapping[str | Path, float],
+               wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> None:
+        self.applied = wanted
+        self.loras = {str(k): float(v) for k, v in loras.items()}
