@@ -1,0 +1,283 @@
+"""`--vae`: a tiny VAE (TAESD) or any replacement keeps the runner's IO contract and matches diffusers with
+the same VAE swapped in (`pipe.vae = ...`); changing `--vae` rebuilds only the VAE components; the
+validation gate fails a VAE that overflows FP16, naming the component, the figure and the fix, with
+nothing half-written; bad `--vae` arguments are clear errors before any export.
+
+Parity tolerance: as in test_runner_parity.py (at most 2 of 255 levels per pixel, mean below 0.25 level).
+The tiny VAE runs in FP16 in the bundle (AutoencoderTiny never asks for an upcast) against the FP32
+pipeline, the same situation as the SD VAE there.
+
+Noise order with AutoencoderTiny: it has no posterior, so diffusers' img2img draws no sample noise
+(`retrieve_latents` takes `.latents`); its generator's first array is the add-noise one. The bundle's
+encoder ignores `sample_noise` (it stays an input for the runner's IO contract), so the test hands the
+runner an arbitrary array there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from turbo_trt.builder import sources
+from turbo_trt.builder.validate import FP16_MAX, MAX_REL_ERROR, compare, validate_outputs
+from turbo_trt.errors import SourceError, ValidationError
+from turbo_trt.manifest import read_manifest
+from turbo_trt.runner import TurboPipeline
+from turbo_trt.runner.inputs import Noise, check_image
+
+from .conftest import copy_bundle, quiet_build, tiny_options
+from .test_runner_parity import PROMPTS, _draw, _ours_vs_reference
+
+VAE_COMPONENTS = ["vae_decoder", "vae_encoder"]
+
+
+def _reference_with_vae(model: str, vae: object):
+    """The FP32 diffusers pipeline of a preset, with its VAE replaced the way a user does it."""
+    pipe = sources.load_pipeline(sources.resolve_source(model))
+    pipe.vae = vae
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_tiny_vae(sd_bundle, tmp_path_factory):
+    """The SD session bundle, rebuilt with --vae tiny (engines included)."""
+    bundle = copy_bundle(sd_bundle[0], tmp_path_factory.mktemp("vae") / "sd-taesd")
+    report = quiet_build(tiny_options("tiny-sd-turbo", bundle, vae="tiny"))
+    vae = sources.resolve_source("tiny-sd-turbo", vae="tiny").vae
+    assert vae is not None
+    return bundle, report, _reference_with_vae("tiny-sd-turbo", vae.load())
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir_vae(sdxl_bundle, tmp_path_factory):
+    """The SDXL session bundle, rebuilt with --vae DIR: a tiny TAESD written by save_pretrained."""
+    from diffusers import AutoencoderTiny
+
+    root = tmp_path_factory.mktemp("vae")
+    choice = sources.resolve_source("tiny-sdxl-turbo", vae="tiny").vae
+    assert choice is not None
+    choice.load().save_pretrained(root / "taesd-dir")
+    bundle = copy_bundle(sdxl_bundle[0], root / "sdxl-taesd")
+    report = quiet_build(tiny_options("tiny-sdxl-turbo", bundle, vae=str(root / "taesd-dir")))
+    vae = AutoencoderTiny.from_pretrained(root / "taesd-dir")
+    return bundle, report, _reference_with_vae("tiny-sdxl-turbo", vae)
+
+
+def test_changing_vae_rebuilds_only_the_vae(sd_bundle, sd_tiny_vae):
+    bundle, report, _ = sd_tiny_vae
+    assert report.exported == VAE_COMPONENTS and report.engines_built == VAE_COMPONENTS
+    before, after = read_manifest(sd_bundle[0]), read_manifest(bundle)
+    for name in ("text_encoder", "unet"):
+        assert after["components"][name]["onnx_sha256"] == before["components"][name]["onnx_sha256"]
+        assert after["components"][name]["engine_sha256"] == before["components"][name]["engine_sha256"]
+    source = after["vae"]["source"]
+    assert source["class"] == "AutoencoderTiny" and source["argument"] == "tiny" and source["kind"] == "seeded"
+    assert source["fingerprint"] == after["model"]["parts"]["vae"] != before["model"]["parts"]["vae"]
+    assert before["vae"]["source"]["kind"] == "pipeline" and before["vae"]["source"]["class"] == "AutoencoderKL"
+    assert after["vae"]["scaling_factor"] == 1.0
+    for name in VAE_COMPONENTS:  # same IO contract, FP16 (AutoencoderTiny never upcasts), gate passed
+        entry, old = after["components"][name], before["components"][name]
+        assert entry["inputs"] == old["inputs"] and entry["outputs"] == old["outputs"]
+        assert entry["precision"] == "fp16"
+        validation = entry["validation"]
+        assert validation["max_rel_error"] == MAX_REL_ERROR[name]
+        assert 0 < validation["fp32_peak_activation"] < FP16_MAX
+        gated = validation["outputs"]["decoded" if name == "vae_decoder" else "latents"]
+        assert gated["rel_error"] <= MAX_REL_ERROR[name]
+    assert quiet_build(tiny_options("tiny-sd-turbo", bundle, vae="tiny")).up_to_date
+
+
+def _txt2img_parity(bundle: Path, reference, steps: int, prompt: str) -> None:
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    ours_pipe = TurboPipeline.from_bundle(bundle, executor="onnxruntime")
+    size = ours_pipe.shapes["height"]
+    shape = (1, 4, size // 8, size // 8)
+    plan = ours_pipe.plan(steps, None)
+    generator = torch.Generator().manual_seed(7)
+    (latents,) = _draw(generator, shape, 1)
+    expected = AutoPipelineForText2Image.from_pipe(reference)(
+        prompt, num_inference_steps=steps, guidance_scale=0.0, latents=latents.clone(), height=size, width=size,
+        output_type="np", generator=generator).images
+    generator = torch.Generator().manual_seed(7)
+    (latents,) = _draw(generator, shape, 1)
+    step_noise = [t.numpy() for t in _draw(generator, shape, plan.runs)] if ours_pipe.scheduler["ancestral"] else None
+    ours = ours_pipe.run_with_noise([prompt], plan, Noise(latents=latents.numpy(), steps=step_noise), None)
+    _ours_vs_reference(ours, expected)
+
+
+def _img2img_parity(bundle: Path, reference, prompt: str) -> None:
+    import torch
+    from diffusers import AutoPipelineForImage2Image
+    from PIL import Image
+
+    ours_pipe = TurboPipeline.from_bundle(bundle, executor="onnxruntime")
+    size = ours_pipe.shapes["height"]
+    shape = (1, 4, size // 8, size // 8)
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    steps, strength = 2, 0.5
+    plan = ours_pipe.plan(steps, strength)
+    generator = torch.Generator().manual_seed(11)
+    expected = AutoPipelineForImage2Image.from_pipe(reference)(
+        prompt, image=init, num_inference_steps=steps, strength=strength, guidance_scale=0.0, output_type="np",
+        generator=generator).images
+    generator = torch.Generator().manual_seed(11)
+    (latents,) = (t.numpy() for t in _draw(generator, shape, 1))  # no posterior draw with AutoencoderTiny
+    step_noise = [t.numpy() for t in _draw(generator, shape, plan.runs)] if ours_pipe.scheduler["ancestral"] else None
+    ignored = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    noise = Noise(latents=latents, sample=ignored, steps=step_noise)
+    ours = ours_pipe.run_with_noise([prompt], plan, noise, check_image(init, size, size, 1))
+    _ours_vs_reference(ours, expected)
+    # sample_noise really is ignored: other values give the same image, bit for bit.
+    again = ours_pipe.run_with_noise([prompt], plan, Noise(latents=latents, sample=ignored * 5.0, steps=step_noise),
+                                     check_image(init, size, size, 1))
+    assert np.array_equal(ours, again)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sd_tiny_vae_txt2img_matches_diffusers(sd_tiny_vae, steps):
+    bundle, _, reference = sd_tiny_vae
+    _txt2img_parity(bundle, reference, steps, PROMPTS[0])
+
+
+def test_sd_tiny_vae_img2img_matches_diffusers(sd_tiny_vae):
+    bundle, _, reference = sd_tiny_vae
+    _img2img_parity(bundle, reference, PROMPTS[1])
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_vae_directory_txt2img_matches_diffusers(sdxl_dir_vae, steps):
+    bundle, report, reference = sdxl_dir_vae
+    assert report.exported == VAE_COMPONENTS
+    _txt2img_parity(bundle, reference, steps, PROMPTS[1])
+
+
+def test_sdxl_vae_directory_img2img_matches_diffusers(sdxl_dir_vae):
+    bundle, _, reference = sdxl_dir_vae
+    manifest = read_manifest(bundle)
+    source = manifest["vae"]["source"]
+    assert source["kind"] == "local" and source["class"] == "AutoencoderTiny"
+    # The tiny preset's own SDXL VAE asks for FP32 (force_upcast); the replacement's config says FP16.
+    assert manifest["components"]["vae_decoder"]["precision"] == "fp16"
+    _img2img_parity(bundle, reference, PROMPTS[0])
+
+
+def _overflowing_vae(directory: Path) -> float:
+    """A tiny SDXL-family AutoencoderKL that claims to be FP16-safe (force_upcast false) but is not: its
+    decoder's first conv is scaled so that its activations exceed FP16's range (as the real SDXL VAE's do),
+    while every weight stays representable in FP16. In FP32 the decoder's group norms bring the values back,
+    so the FP32 image is finite. Returns the scale applied."""
+    import torch
+
+    from turbo_trt.builder.presets import build_part, preset_spec
+
+    vae = build_part(preset_spec("tiny-sdxl-turbo"), "vae")
+    with torch.no_grad():
+        conv = vae.decoder.conv_in
+        scale = 3e4 / float(conv.weight.abs().max())
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale)
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(directory)
+    return scale
+
+
+def test_a_vae_that_overflows_fp16_fails_the_build(sdxl_bundle, tmp_path):
+    _overflowing_vae(tmp_path / "overflowing-vae")
+    bundle = copy_bundle(sdxl_bundle[0], tmp_path / "b")
+    opts = tiny_options("tiny-sdxl-turbo", bundle, vae=str(tmp_path / "overflowing-vae"), onnx_only=True)
+    with pytest.raises(ValidationError) as failure:
+        quiet_build(opts)
+    message = str(failure.value)
+    # The component, the figure and the fix.
+    assert message.startswith("vae_decoder:")
+    assert "largest intermediate activation" in message and f"{FP16_MAX:g}" in message
+    assert "--vae-fp32" in message and "madebyollin/sdxl-vae-fp16-fix" in message
+    # Nothing half-written: the manifest claims neither VAE component any more (their recorded graphs came
+    # from the old VAE), no temporaries are left, and the other components are untouched.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert sorted(manifest["components"]) == ["text_encoder", "text_encoder_2", "unet"]
+    assert [p.name for p in bundle.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".vae")] == []
+    assert manifest["model"]["parts"]["vae"] == manifest["vae"]["source"]["fingerprint"]
+
+    # The fix the message names works: FP32 passes the same gate.
+    report = quiet_build(tiny_options("tiny-sdxl-turbo", bundle, vae=str(tmp_path / "overflowing-vae"),
+                                      vae_fp32=True, onnx_only=True))
+    assert report.exported == VAE_COMPONENTS
+    manifest = read_manifest(bundle)
+    decoder = manifest["components"]["vae_decoder"]
+    assert decoder["precision"] == "fp32" and manifest["vae"]["source"]["fp32_override"] is True
+    assert decoder["validation"]["fp32_peak_activation"] > FP16_MAX
+    assert decoder["validation"]["outputs"]["decoded"]["rel_error"] < 1e-4  # FP32 vs FP32
+
+
+def test_centred_gate_fails_a_wrong_image_that_pixel_cosine_passes():
+    """The old gate's blind spot: two different pictures have a high cosine on raw pixel values because
+    every value is positive. A low-contrast picture (std ~9 levels, like the tiny presets' decoded images)
+    turned upside down passes the old 0.99 pixel-cosine gate; centred, the pair is far apart and fails."""
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    image = 120 + 30 * np.stack([x, y, x * y], axis=-1)  # a smooth gradient picture, pixel values 120..150
+    wrong = image[::-1, ::-1]  # the same picture upside down: a wrong image
+    raw = image.ravel() @ wrong.ravel() / (np.linalg.norm(image) * np.linalg.norm(wrong))
+    assert raw > 0.99  # what the old gate saw: "similar"
+    figures = compare(image, wrong)
+    assert figures["cosine"] < 0.5 and figures["rel_error"] > 0.5
+    with pytest.raises(ValidationError, match="vae_decoder.image: relative error"):
+        validate_outputs("vae_decoder", {"image": image}, {"image": wrong}, 0.99)
+    assert validate_outputs("vae_decoder", {"image": image}, {"image": image + 0.01}, 0.99)["outputs"]
+
+
+def test_peak_activation_beyond_fp16_fails_only_fp16_graphs():
+    ref = np.linspace(-1, 1, 50, dtype=np.float32)
+    with pytest.raises(ValidationError, match="vae_decoder: the FP32 reference's largest intermediate activation"):
+        validate_outputs("vae_decoder", {"x": ref}, {"x": ref}, 0.99, precision="fp16", peak_activation=1e5)
+    figures = validate_outputs("vae_decoder", {"x": ref}, {"x": ref}, 0.99, precision="fp32", peak_activation=1e5)
+    assert figures["fp32_peak_activation"] == 1e5
+
+
+def _kl_vae_with_latent_channels(directory: Path, channels: int) -> None:
+    from diffusers import AutoencoderKL
+
+    from turbo_trt.builder.presets import preset_spec
+
+    config = preset_spec("tiny-sd-turbo").config("vae")
+    config.pop("_class_name")
+    AutoencoderKL(**{**config, "latent_channels": channels}).save_pretrained(directory)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown-hub-id", "could not download 'nobody/no-such-vae'.*offline, --vae tiny works"),
+    ("missing-directory", "no such directory"),
+    ("directory-without-vae", "holds no VAE"),
+    ("wrong-latent-channels", "16 latent channels, the UNet takes 4"),
+    ("not-a-vae-argument", "expected 'tiny', a hub id"),
+])
+def test_bad_vae_arguments_fail_before_any_export(case, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argument = {"unknown-hub-id": "nobody/no-such-vae", "missing-directory": str(tmp_path / "nowhere"),
+                "directory-without-vae": str(tmp_path / "empty"), "wrong-latent-channels": str(tmp_path / "vae16"),
+                "not-a-vae-argument": "just words"}[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    if case == "wrong-latent-channels":
+        _kl_vae_with_latent_channels(tmp_path / "vae16", 16)
+    bundle = tmp_path / "b"
+    with pytest.raises(SourceError, match=message):
+        quiet_build(tiny_options("tiny-sd-turbo", bundle, vae=argument))
+    assert not bundle.exists()
+
+
+def test_tiny_vae_offline_needs_a_seeded_source(monkeypatch):
+    """`--vae tiny` downloads TAESD for a real pipeline; offline that is a clear error naming what works."""
+    from turbo_trt.builder.vae import resolve_vae
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="madebyollin/taesd.*tiny presets and --random-weights"):
+        resolve_vae("tiny", "local", "sd", None)
+    choice = resolve_vae("tiny", "random", "sdxl", 43)  # offline: the shipped full-size TAESD config
+    assert choice.kind == "seeded" and choice.config["_class_name"] == "AutoencoderTiny"
+    assert choice.config["num_decoder_blocks"] == [3, 3, 3, 1] and choice.fingerprint() == choice.fingerprint()
