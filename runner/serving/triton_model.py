@@ -1,0 +1,83 @@
+"""Triton Python-backend model serving a turbo-trt bundle. `turbo-trt export-triton` copies this file as
+`<repository>/<model>/1/model.py`; Triton's Python backend loads it in a stub process per model instance.
+
+Model parameters (config.pbtxt): `bundle` (the bundle directory; a relative path is taken from the model's
+version directory), `executor` (auto, tensorrt, onnxruntime). An instance of kind GPU sees only its own
+GPU (CUDA_VISIBLE_DEVICES is set before anything touches CUDA). `initialize` opens and checks the bundle
+and warms the pipeline up before Triton marks the model ready; a bundle that fails its checks raises, so
+the model never becomes ready and Triton's log says why. Each request is checked on its own and a bad one
+gets its own error response; the others in the batch run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+from pathlib import Path
+from typing import Any
+
+INPUT_NAMES = ("prompt", "seed", "steps", "image", "strength")
+
+
+def _add_site_dirs() -> None:
+    """Directories named by TURBO_TRT_SITE_DIRS (set by `turbo_trt.runner.serving.tritonserver` when it
+    starts PyTriton's tritonserver) hold turbo_trt and its dependencies for the stub's interpreter."""
+    for directory in os.environ.get("TURBO_TRT_SITE_DIRS", "").split(os.pathsep):
+        if directory:
+            site.addsitedir(directory)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        _add_site_dirs()
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":
+            os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
+        bundle = Path(params["bundle"])
+        if not bundle.is_absolute():
+            bundle = Path(args["model_repository"]) / args["model_version"] / bundle
+
+        import triton_python_backend_utils as pb_utils
+
+        from turbo_trt.runner.pipeline import TurboPipeline
+        from turbo_trt.runner.serving.batching import warm_up
+        from turbo_trt.runner.serving.requests import ModelFacts
+
+        self._pb = pb_utils
+        name = args.get("model_instance_name", "turbo")
+        pb_utils.Logger.log_info(f"{name}: opening {bundle} (checking every file's sha256)")
+        self.pipe = TurboPipeline.from_bundle(bundle, executor=params.get("executor", "auto"))
+        self.facts = ModelFacts.of(self.pipe)
+        calls = warm_up(self.pipe)
+        pb_utils.Logger.log_info(f"{name}: {self.pipe.executor.name} pipeline warmed up ({calls} calls); ready")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        from turbo_trt.errors import InputError
+        from turbo_trt.runner.serving.batching import run_requests
+        from turbo_trt.runner.serving.requests import ServeRequest, decode_request
+
+        pb = self._pb
+        decoded: list[ServeRequest | Exception] = []
+        for request in requests:
+            inputs = {}
+            for name in INPUT_NAMES:
+                tensor = pb.get_input_tensor_by_name(request, name)
+                inputs[name] = None if tensor is None else tensor.as_numpy()
+            try:
+                decoded.append(decode_request(inputs, self.facts))
+            except InputError as exc:
+                decoded.append(exc)
+        responses = []
+        for outcome in run_requests(self.pipe, decoded):
+            if isinstance(outcome, Exception):
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(outcome))))
+            else:
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", outcome[None])]))
+        return responses
+
+    def finalize(self) -> None:
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None:
+            pipe.close()

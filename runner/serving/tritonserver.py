@@ -1,0 +1,110 @@
+"""Run the `tritonserver` binary that the PyTriton wheel ships, and the environment Triton's Python backend
+needs on this machine.
+
+The Python backend runs models in a stub process linked against `libpython3.X.so`. The dynamic loader
+finds the first such library on its search path, which can be the system's Python of the same version
+rather than this interpreter's (its standard library then disagrees with the loaded library, and the stub
+fails in odd places). `python_library_env` puts this interpreter's library directory first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import sys
+import sysconfig
+from collections.abc import Mapping
+from pathlib import Path
+
+from turbo_trt.errors import UsageError
+
+#: model.py adds these directories with `site.addsitedir` (so .pth files, e.g. an editable install, work).
+SITE_DIRS_ENV = "TURBO_TRT_SITE_DIRS"
+
+
+def python_library_dir() -> str | None:
+    """The directory holding this interpreter's libpython (None for a statically linked Python)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    if libdir and name and (Path(libdir) / name).exists():
+        return str(libdir)
+    return None
+
+
+def python_library_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: os.environ) with this interpreter's libpython directory first on LD_LIBRARY_PATH."""
+    result = dict(os.environ if env is None else env)
+    libdir = python_library_dir()
+    if libdir:
+        parts = [p for p in result.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+        result["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *parts])
+    return result
+
+
+def site_dirs() -> list[str]:
+    """This interpreter's site-packages directories (where turbo_trt and its dependencies are installed)."""
+    dirs = list(site.getsitepackages())
+    user = site.getusersitepackages()
+    if isinstance(user, str) and os.path.isdir(user):
+        dirs.append(user)
+    return dirs
+
+
+def pytriton_server_dir() -> Path:
+    """The `tritonserver` distribution inside the installed PyTriton wheel."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise UsageError("this needs PyTriton: pip install 'turbo-trt[serve]'") from exc
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise UsageError(f"{root} has no bin/tritonserver: reinstall nvidia-pytriton")
+    return root
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """A Triton backend directory for this interpreter: PyTriton's Python backend plus the backend stub
+    built for this Python version (the wheel keeps one stub per version aside). Returns `dest`."""
+    server = pytriton_server_dir()
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UsageError(f"PyTriton ships no Python backend stub for Python {version}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in (server / "backends" / "python").iterdir():
+        if item.is_file() and not (python_dir / item.name).exists():
+            shutil.copy2(item, python_dir / item.name)
+    target = python_dir / "triton_python_backend_stub"
+    if not target.exists():
+        tmp = python_dir / ".stub.tmp"
+        shutil.copy2(stub, tmp)
+        os.replace(tmp, target)
+    return dest
+
+
+def default_backend_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "turbo-trt" / "triton-backends" / f"py{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def server_command(repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                   address: str = "0.0.0.0", backend_dir: Path | None = None,
+                   extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """argv and environment to serve `repository` with PyTriton's `tritonserver` binary on this machine."""
+    server = pytriton_server_dir()
+    backends = prepare_backend_dir(backend_dir or default_backend_dir())
+    env = python_library_env()
+    libs = server.parent.parent / "nvidia_pytriton.libs"
+    if libs.is_dir():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([env["LD_LIBRARY_PATH"], str(libs)])
+    env[SITE_DIRS_ENV] = os.pathsep.join(site_dirs())
+    argv = [
+        str(server / "bin" / "tritonserver"), f"--model-repository={repository}",
+        f"--backend-directory={backends}", f"--cache-directory={server / 'caches'}",
+        f"--http-address={address}", f"--http-port={http_port}", f"--grpc-address={address}",
+        f"--grpc-port={grpc_port}", f"--metrics-address={address}", f"--metrics-port={metrics_port}",
+        "--strict-readiness=true", *extra_args,
+    ]
+    return argv, env

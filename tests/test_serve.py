@@ -1,0 +1,529 @@
+"""Serving on Triton: a real server on loopback (free ports) with tiny bundles and the ONNX Runtime executor,
+called with tritonclient over HTTP and gRPC.
+
+- `turbo-trt serve` (PyTriton in the serving process) on the batch-1 tiny SD-Turbo bundle: txt2img and
+  img2img bit for bit equal to direct TurboPipeline calls with the same seeds; every bad request gets an
+  error naming the field and the rule, and the server keeps serving; a corrupted bundle never gets ready.
+- `turbo-trt serve` with 2 instances on a batch-2 bundle: concurrent clients whose requests the dynamic
+  batcher groups (Triton's metrics show fewer executions than inferences), each response equal to what its
+  request gets alone; SIGTERM with requests in flight answers them all and exits cleanly.
+- `turbo-trt export-triton` served by the `tritonserver` binary the PyTriton wheel ships: the same images,
+  and bad requests failing alone while the requests batched with them succeed.
+
+Every request loop is bounded in count and every wait in time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from turbo_trt.runner import TurboPipeline
+from turbo_trt.runner.serving.batching import run_requests
+from turbo_trt.runner.serving.client import request_inputs
+from turbo_trt.runner.serving.repository import ExportOptions, config_pbtxt, export_repository
+from turbo_trt.runner.serving.requests import ModelFacts, RequestError, decode_request
+from turbo_trt.runner.serving.tritonserver import server_command
+
+from .conftest import copy_bundle, quiet_build, tiny_options
+
+START_TIMEOUT_S = 120  # server start on 2 shared cores: import, sha256, sessions, warm-up, Triton
+REQUEST_TIMEOUT_S = 60
+SIZE = 64
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Server:
+    """A server process (turbo-trt serve, or tritonserver) with its log in a file."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.http, self.grpc, self.metrics = free_ports(3)
+        argv = [a.format(http=self.http, grpc=self.grpc, metrics=self.metrics) for a in argv]
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http}", connection_timeout=2, network_timeout=5)
+        try:
+            return bool(client.is_server_ready())
+        except Exception:
+            return False
+        finally:
+            client.close()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if self.ready():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"server did not stop within {timeout} s:\n{self.log()[-4000:]}") from None
+        finally:
+            self._log.close()
+
+    def http_client(self) -> httpclient.InferenceServerClient:
+        return httpclient.InferenceServerClient(f"127.0.0.1:{self.http}", connection_timeout=10,
+                                                network_timeout=REQUEST_TIMEOUT_S)
+
+    def grpc_client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A counter from Triton's Prometheus endpoint, for model "turbo" (and the given labels)."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10).read().decode()
+        wanted = {f'{key}="{value}"' for key, value in {"model": "turbo", **labels}.items()}
+        for match in re.finditer(rf"^{name}{{([^}}]*)}} ([0-9.e+]+)$", text, re.MULTILINE):
+            if wanted <= set(match.group(1).split(",")):
+                return float(match.group(2))
+        raise AssertionError(f"{name} {labels} not in the metrics:\n{text[:2000]}")
+
+
+def serve_argv(bundle: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "turbo_trt.cli", "serve", "--engines", str(bundle), "--executor", "onnxruntime",
+            "--address", "127.0.0.1", "--http-port", "{http}", "--grpc-port", "{grpc}", "--metrics-port", "{metrics}",
+            *extra]
+
+
+def infer(client: Any, protocol: Any, **request: Any) -> np.ndarray:
+    if protocol is grpcclient:
+        result = client.infer("turbo", request_inputs(protocol, **request), client_timeout=REQUEST_TIMEOUT_S)
+    else:
+        result = client.infer("turbo", request_inputs(protocol, **request))
+    image = result.as_numpy("image")
+    assert image is not None and image.shape == (1, SIZE, SIZE, 3) and image.dtype == np.uint8
+    return image[0]
+
+
+def alone(pipe: TurboPipeline, prompt: str, seed: int, steps: int = 1, image: np.ndarray | None = None,
+          strength: float | None = None) -> np.ndarray:
+    """What a request gets when it is the only one in its engine call."""
+    inputs: dict[str, Any] = {"prompt": prompt.encode(), "seed": seed, "steps": steps, "image": image}
+    if strength is not None:
+        inputs["strength"] = strength
+    [outcome] = run_requests(pipe, [decode_request(inputs, ModelFacts.of(pipe))])
+    assert isinstance(outcome, np.ndarray)
+    return outcome
+
+
+def init_image(seed: int) -> np.ndarray:
+    ramp = np.linspace(0, 255, SIZE, dtype=np.float32)
+    noise = np.random.default_rng(seed).integers(0, 40, (SIZE, SIZE, 3))
+    return np.clip(ramp[None, :, None] * 0.7 + ramp[:, None, None] * 0.2 + noise, 0, 255).astype(np.uint8)
+
+
+def run_clients(jobs: list[Callable[[], Any]], timeout: float = 120) -> list[Any]:
+    """Run each job in its own thread at once; results (or exceptions) in order. Bounded by `timeout`."""
+    results: list[Any] = [None] * len(jobs)
+
+    def work(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"clients still waiting after {timeout} s"
+    return results
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def batch2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD-Turbo with a static batch of 2, ONNX only (the ONNX Runtime executor needs no engines)."""
+    out = tmp_path_factory.mktemp("serve") / "tiny-sd-turbo-b2"
+    quiet_build(tiny_options("tiny-sd-turbo", out, batch=2, onnx_only=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe1(sd_bundle) -> TurboPipeline:
+    return TurboPipeline.from_bundle(sd_bundle[0], executor="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def pipe2(batch2_bundle) -> TurboPipeline:
+    return TurboPipeline.from_bundle(batch2_bundle, executor="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def serve1(sd_bundle, tmp_path_factory):
+    server = Server(serve_argv(sd_bundle[0]), tmp_path_factory.mktemp("serve1") / "log.txt")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def serve2(batch2_bundle, tmp_path_factory):
+    # A long queue delay so that the dynamic batcher reliably groups concurrent requests.
+    server = Server(serve_argv(batch2_bundle, "--instances", "2", "--max-queue-delay-us", "200000"),
+                    tmp_path_factory.mktemp("serve2") / "log.txt")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+# -------------------------------------------------------------------------------- request checks (units)
+
+def test_request_rules_name_the_field(pipe1):
+    facts = ModelFacts.of(pipe1)
+    image = init_image(0)
+    cases = [
+        ({}, "prompt", "required"),
+        ({"prompt": b"  "}, "prompt", "must not be empty"),
+        ({"prompt": b"caf\xe9"}, "prompt", "UTF-8"),
+        ({"prompt": np.array([[b"a", b"b"]], dtype=object)}, "prompt", "exactly one value"),
+        ({"prompt": b"a", "steps": 0}, "steps", "1..4"),
+        ({"prompt": b"a", "steps": np.array([[1.5]])}, "steps", "datatype"),
+        ({"prompt": b"a", "seed": -1}, "seed", "[0, 2**63)"),
+        ({"prompt": b"a", "strength": 0.5}, "strength", "image-to-image only"),
+        ({"prompt": b"a", "image": image, "strength": 0.0}, "strength", "(0, 1]"),
+        ({"prompt": b"a", "image": image, "strength": 0.2, "steps": 2}, "strength", "0 steps"),
+        ({"prompt": b"a", "image": image[:32]}, "image", "UINT8 [64, 64, 3]"),
+        ({"prompt": b"a", "image": image.astype(np.float32)}, "image", "UINT8"),
+    ]
+    for inputs, field, rule in cases:
+        with pytest.raises(RequestError) as info:
+            decode_request(inputs, facts)
+        assert info.value.field == field and rule in str(info.value), (inputs, str(info.value))
+    request = decode_request({"prompt": "naïve".encode(), "image": image[None], "steps": 2}, facts)
+    assert request.prompt == "naïve" and request.plan.mode == "img2img" and request.plan.runs == 1  # strength 0.5
+
+
+def test_config_has_one_instance_group_per_gpu():
+    text = config_pbtxt("turbo", 4, 512, 512, [0, 1, 2], 2, "tensorrt", "/b", 1000)
+    assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 2 ]" in text and "count: 2" in text
+    assert "max_batch_size: 4" in text and "dims: [ 512, 512, 3 ]" in text
+    assert 'name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true' in text
+    cpu = config_pbtxt("turbo", 1, 64, 64, [], 3, "onnxruntime", "/b", 1000)
+    assert "count: 3 kind: KIND_CPU" in cpu and "KIND_GPU" not in cpu
+
+
+# ------------------------------------------------------------------------------------ turbo-trt serve
+
+@pytest.mark.parametrize("protocol", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_serve_matches_direct_pipeline(serve1, pipe1, protocol):
+    client = serve1.http_client() if protocol is httpclient else serve1.grpc_client()
+    try:
+        for prompt, seed, steps in [("a red cat", 0, 1), ("a photo of an astronaut", 12345, 2)]:
+            served = infer(client, protocol, prompt=prompt, seed=seed, steps=steps)
+            direct = pipe1(prompt, num_inference_steps=steps, seed=seed, output_type="np")[0]
+            np.testing.assert_array_equal(served, direct)
+        image = init_image(1)
+        served = infer(client, protocol, prompt="a blue house", seed=7, steps=2, image=image, strength=0.5)
+        direct = pipe1("a blue house", num_inference_steps=2, seed=7, image=image, strength=0.5, output_type="np")[0]
+        np.testing.assert_array_equal(served, direct)
+        served = infer(client, protocol, prompt="a blue house", seed=8, image=image, strength=1.0)  # steps 1
+        direct = pipe1("a blue house", num_inference_steps=1, seed=8, image=image, strength=1.0, output_type="np")[0]
+        np.testing.assert_array_equal(served, direct)
+    finally:
+        client.close()
+
+
+def test_serve_unseeded_requests_differ(serve1):
+    client = serve1.http_client()
+    try:
+        first, second = (infer(client, httpclient, prompt="a red cat") for _ in range(2))
+        assert not np.array_equal(first, second)
+    finally:
+        client.close()
+
+
+def _bad_requests() -> list[tuple[str, Callable[[Any], list[Any]], list[str]]]:
+    """(label, inputs for a protocol module, substrings the error must contain)."""
+
+    def custom(name: str, datatype: str, array: np.ndarray, with_prompt: bool = True) -> Callable[[Any], list[Any]]:
+        def make(protocol: Any) -> list[Any]:
+            inputs = request_inputs(protocol, "a cat") if with_prompt else []
+            tensor = protocol.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            return [*inputs, tensor]
+        return make
+
+    image = init_image(2)
+    return [
+        ("missing prompt", custom("seed", "INT64", np.array([[1]], np.int64), with_prompt=False), ["prompt"]),
+        ("empty prompt", lambda p: request_inputs(p, "", seed=1), ["prompt", "must not be empty"]),
+        ("non-UTF-8 prompt", lambda p: request_inputs(p, b"\xff\xfe cat", seed=1), ["prompt", "UTF-8"]),
+        ("steps as INT64", custom("steps", "INT64", np.array([[2]], np.int64)), ["steps", "INT32"]),
+        ("seed of shape [1, 2]", custom("seed", "INT64", np.array([[1, 2]], np.int64)), ["seed", "shape"]),
+        ("steps out of range", lambda p: request_inputs(p, "a cat", steps=5), ["steps", "1..4"]),
+        ("steps zero", lambda p: request_inputs(p, "a cat", steps=0), ["steps", "1..4"]),
+        ("strength that runs zero steps",
+         lambda p: request_inputs(p, "a cat", steps=2, image=image, strength=0.25), ["strength", "0 steps"]),
+        ("image of the wrong size", lambda p: request_inputs(p, "a cat", image=image[:32, :32]), ["image", "shape"]),
+        ("seed out of range", lambda p: request_inputs(p, "a cat", seed=-5), ["seed", "[0, 2**63)"]),
+    ]
+
+
+@pytest.mark.parametrize("protocol", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_serve_bad_requests_get_errors_and_serving_goes_on(serve1, pipe1, protocol):
+    client = serve1.http_client() if protocol is httpclient else serve1.grpc_client()
+    try:
+        for label, make, expected in _bad_requests():
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("turbo", make(protocol))
+            message = str(info.value)
+            for part in expected:
+                assert part in message, f"{label}: {part!r} not in {message[:600]}"
+        served = infer(client, protocol, prompt="still serving", seed=3)
+        np.testing.assert_array_equal(served, pipe1("still serving", seed=3, output_type="np")[0])
+    finally:
+        client.close()
+
+
+def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, pipe2):
+    requests = []
+    for client_index in range(6):
+        for k in range(3):
+            seed = 100 * client_index + k
+            request: dict[str, Any] = {"prompt": f"client {client_index} picture {k}", "seed": seed,
+                                       "steps": 1 + (k % 2)}
+            if k == 2:
+                request.update(image=init_image(seed), strength=1.0)
+            requests.append(request)
+    expected = [alone(pipe2, **r) for r in requests]
+    count_before = serve2.metric("nv_inference_count")
+    exec_before = serve2.metric("nv_inference_exec_count")
+
+    def client_job(mine: list[int], protocol: Any) -> dict[int, np.ndarray]:
+        client = serve2.http_client() if protocol is httpclient else serve2.grpc_client()
+        try:
+            return {i: infer(client, protocol, **requests[i]) for i in mine}
+        finally:
+            client.close()
+
+    jobs = [lambda c=c: client_job(list(range(3 * c, 3 * c + 3)), httpclient if c % 2 else grpcclient)
+            for c in range(6)]
+    results = run_clients(jobs)
+    got: dict[int, np.ndarray] = {}
+    for result in results:
+        assert not isinstance(result, Exception), result
+        got.update(result)
+    assert sorted(got) == list(range(len(requests)))  # nothing lost
+    for i, image in got.items():
+        np.testing.assert_array_equal(image, expected[i], err_msg=f"request {i} got another request's image")
+    assert len({image.tobytes() for image in got.values()}) == len(requests)
+    inferences = serve2.metric("nv_inference_count") - count_before
+    executions = serve2.metric("nv_inference_exec_count") - exec_before
+    assert inferences == len(requests)
+    assert executions < inferences, "the dynamic batcher grouped no requests"
+    assert serve2.metric("nv_inference_request_duration_us") > 0
+
+
+def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path):
+    server = Server(serve_argv(batch2_bundle, "--max-queue-delay-us", "100000"), tmp_path / "log.txt")
+    try:
+        server.wait_ready()
+        first_answer = threading.Event()
+
+        def job(i: int) -> np.ndarray:
+            client = server.http_client()
+            try:
+                image = infer(client, httpclient, prompt=f"in flight {i}", seed=i, steps=4)
+                first_answer.set()
+                return image
+            finally:
+                client.close()
+
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.extend(run_clients([lambda i=i: job(i) for i in range(12)])))
+        runner.start()
+        assert first_answer.wait(START_TIMEOUT_S)
+        server.proc.send_signal(signal.SIGTERM)
+        runner.join(180)
+        assert not runner.is_alive()
+        for i, result in enumerate(results):
+            assert isinstance(result, np.ndarray), f"request {i}: {result}"
+            np.testing.assert_array_equal(result, alone(pipe2, f"in flight {i}", i, steps=4))
+        assert server.stop() == 0
+        assert "stopped" in server.log()
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def _corrupt(bundle: Path, dest: Path) -> Path:
+    copy = copy_bundle(bundle, dest)
+    target = copy / "onnx" / "unet.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return copy
+
+
+def test_serve_corrupted_bundle_never_ready(sd_bundle, tmp_path):
+    bundle = _corrupt(sd_bundle[0], tmp_path / "corrupt")
+    server = Server(serve_argv(bundle), tmp_path / "log.txt")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        assert not server.ready()
+        time.sleep(0.5)
+    assert server.proc.returncode not in (None, 0)
+    log = server.log()
+    assert "unet.onnx" in log and "sha256" in log, log[-2000:]
+    server.stop()
+
+
+# ----------------------------------------------------------------- exported repository, stock tritonserver
+
+def stock_server(repository: Path, log: Path) -> Server:
+    argv, env = server_command(repository, http_port=0, grpc_port=0, metrics_port=0, address="127.0.0.1",
+                               backend_dir=log.parent / "backends")
+    argv = [re.sub(r"^--(http|grpc|metrics)-port=0$", r"--\1-port={\1}", a) for a in argv]
+    return Server(argv, log, env=env)
+
+
+@pytest.fixture(scope="module")
+def stock(batch2_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stock")
+    export_repository(ExportOptions(engines=batch2_bundle, out=root / "repo", gpus=[], executor="onnxruntime",
+                                    max_queue_delay_us=200000))
+    server = stock_server(root / "repo", root / "log.txt")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_exported_repository_layout(batch2_bundle, tmp_path):
+    model = export_repository(ExportOptions(engines=batch2_bundle, out=tmp_path / "repo", gpus=[],
+                                            executor="onnxruntime", include_bundle=True))
+    config = (model / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "max_batch_size: 2" in config and "dynamic_batching" in config
+    assert 'string_value: "bundle"' in config and (model / "1" / "bundle" / "manifest.json").is_file()
+    assert "class TritonPythonModel" in (model / "1" / "model.py").read_text()
+    with pytest.raises(Exception, match="--force"):
+        export_repository(ExportOptions(engines=batch2_bundle, out=tmp_path / "repo", gpus=[]))
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["turbo"]  # no temporaries left
+
+
+def test_stock_tritonserver_serves_export(stock, pipe2):
+    requests: list[dict[str, Any]] = [
+        {"prompt": "a red cat", "seed": 0},
+        {"prompt": "a lighthouse", "seed": 99, "steps": 2},
+        {"prompt": "a blue house", "seed": 7, "steps": 2, "image": init_image(5), "strength": 0.5},
+    ]
+    for protocol in (httpclient, grpcclient):
+        client = stock.http_client() if protocol is httpclient else stock.grpc_client()
+        try:
+            for request in requests:
+                np.testing.assert_array_equal(infer(client, protocol, **request), alone(pipe2, **request))
+        finally:
+            client.close()
+    # On a batch-2 bundle, txt2img noise row 0 is the batch-1 draw: equal to a direct call too.
+    client = stock.http_client()
+    try:
+        np.testing.assert_array_equal(infer(client, httpclient, prompt="a red cat", seed=0),
+                                      pipe2("a red cat", seed=0, output_type="np")[0])
+    finally:
+        client.close()
+
+
+def test_stock_bad_requests_fail_alone_in_their_batch(stock, pipe2):
+    good = [{"prompt": f"good {i}", "seed": i, "steps": 1} for i in range(4)]
+    bad = [("", "must not be empty"), (b"\xc3\x28", "UTF-8")]
+    expected = [alone(pipe2, **r) for r in good]
+    count_before = stock.metric("nv_inference_count")
+    exec_before = stock.metric("nv_inference_exec_count")
+
+    def call(inputs: dict[str, Any]) -> np.ndarray:
+        client = stock.http_client()
+        try:
+            return infer(client, httpclient, **inputs)
+        finally:
+            client.close()
+
+    jobs: list[Callable[[], Any]] = []
+    for i in range(4):
+        jobs.append(lambda i=i: call(good[i]))
+        if i < len(bad):
+            jobs.append(lambda i=i: call({"prompt": bad[i][0], "seed": 1}))
+    results = run_clients(jobs)
+    images = [r for r in results if isinstance(r, np.ndarray)]
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(images) == 4 and len(errors) == 2, results
+    for image, want in zip(images, expected):
+        np.testing.assert_array_equal(image, want)
+    for error, (_, rule) in zip(errors, bad):
+        assert "prompt" in str(error) and rule in str(error)
+    executions = stock.metric("nv_inference_exec_count") - exec_before
+    inferences = stock.metric("nv_inference_count") - count_before
+    assert executions < inferences, "no batch was formed: the test did not check batch-mates"
+    assert stock.ready()
+
+
+def test_stock_corrupted_bundle_never_ready(sd_bundle, tmp_path):
+    bundle = _corrupt(sd_bundle[0], tmp_path / "corrupt")
+    export_repository(ExportOptions(engines=bundle, out=tmp_path / "repo", gpus=[], executor="onnxruntime"))
+    server = stock_server(tmp_path / "repo", tmp_path / "log.txt")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        assert not server.ready()
+        time.sleep(0.5)
+    assert server.proc.returncode not in (None, 0), "tritonserver kept running without its model"
+    log = server.log()
+    assert "unet.onnx" in log and "sha256" in log, log[-3000:]
+    server.stop()
+
+
+def test_cli_help_lists_serving_commands():
+    out = subprocess.run([sys.executable, "-m", "turbo_trt.cli", "--help"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ}).stdout
+    assert "serve" in out and "export-triton" in out
