@@ -279,7 +279,7 @@ def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
     tensors, metadata = read_safetensors(path)
     peft = _peft_alphas(metadata)
     pieces: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    keys: dict[tuple[str, str], str] = {}
+    keys: dict[tuple[str, str, str], str] = {}
     for key in sorted(tensors):
         split = _split_key(key)
         if split is None:
@@ -290,12 +290,12 @@ def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
         if role in pieces.setdefault(target, {}):
             raise LoraError(f"{path}: key {key}: {target[0]} module {target[1]} has two {role} tensors")
         pieces[target][role] = tensors[key]
-        keys.setdefault(target, key)
+        keys[(*target, role)] = key
     if not pieces:
         raise LoraError(f"{path} holds no tensors")
     lora = LoraFile(path=path, sha256=sha256_of(path))
     for (part, module), roles in pieces.items():
-        key = keys[(part, module)]
+        key = keys[(part, module, next(iter(roles)))]
         if "down" not in roles or "up" not in roles:
             raise LoraError(f"{path}: key {key}: {part} module {module} lacks its "
                             f"{'down (lora_A)' if 'down' not in roles else 'up (lora_B)'} weight")
@@ -305,6 +305,7 @@ def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
         expected_down = (rank, shape[1], *shape[2:])
         expected_up = (shape[0], rank, *((1, 1) if len(shape) == 4 else ()))
         if down.ndim != len(shape) or tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
+            key = keys[(part, module, "up" if tuple(down.shape) == expected_down else "down")]
             raise LoraError(
                 f"{path}: key {key}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {part} "
                 f"module {module} with weight {shape}; is this LoRA for another model?")
@@ -375,6 +376,10 @@ class BundleLoras:
         self._base: dict[tuple[str, str], np.ndarray] = {}
         self.applied: dict[tuple[str, str], list[tuple[float, LoraLayer]]] = {}
         self.loras: dict[str, float] = {}
+        # While a set is being applied: that set (current_weight answers for it). After a failed apply: the
+        # modules whose weights may be half-changed, sent again in full by the next plan.
+        self._pending: dict[tuple[str, str], list[tuple[float, LoraLayer]]] | None = None
+        self._dirty: set[tuple[str, str]] = set()
 
     def _read_map(self, component: str, entry: Mapping[str, object]) -> dict[str, object]:
         rel = f"onnx/{weight_map_name(component)}"
@@ -417,14 +422,16 @@ class BundleLoras:
         return self._base[key]
 
     def current_weight(self, component: str, initializer: str) -> np.ndarray:
-        """An initializer's value as it stands (base, or the applied LoRAs' merge), in the graph's layout:
-        for refitters that need more weights than the ones that change."""
+        """An initializer's value in the set being applied (between `begin` and `commit`; else the applied
+        set): the merge of its LoRAs, or the base. In the graph's layout. For executors: the value of a
+        None update (back to base), and of weights a refitter needs beyond the ones that change."""
+        active = self._pending if self._pending is not None else self.applied
         part = next(p for p, c in PART_COMPONENT.items() if c == component)
         data = self.maps[part]
         for module, info in data["modules"].items():  # type: ignore[attr-defined]
             for t in info["targets"]:
                 if t["initializer"] == initializer:
-                    value = merged_weight(self.base(part, module), self.applied.get((part, module), []))
+                    value = merged_weight(self.base(part, module), active.get((part, module), []))
                     return _to_graph_layout(value, t["layout"])
         other = data.get("other_initializers", {})
         assert isinstance(other, dict)
@@ -458,7 +465,7 @@ class BundleLoras:
         """component -> {initializer: new value, or None for back to base} for every initializer whose
         value changes from the applied set to `wanted`."""
         updates: Updates = {}
-        for key in set(wanted) | set(self.applied):
+        for key in set(wanted) | set(self.applied) | self._dirty:
             part, module = key
             if key not in wanted:
                 value = None
@@ -469,7 +476,18 @@ class BundleLoras:
                     None if value is None else _to_graph_layout(value, target.layout))
         return updates
 
+    def begin(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> None:
+        """`wanted` is being applied: current_weight now answers for it."""
+        self._pending = wanted
+
     def commit(self, loras: Mapping[str | Path, float],
                wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> None:
         self.applied = wanted
         self.loras = {str(k): float(v) for k, v in loras.items()}
+        self._pending = None
+        self._dirty = set()
+
+    def failed(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> None:
+        """Applying `wanted` failed part-way: the next plan re-sends every weight either set touches."""
+        self._dirty |= set(wanted) | set(self.applied)
+        self._pending = None

@@ -174,7 +174,12 @@ class TurboPipeline:
             if time.perf_counter() - start > 1.0 or count > 50:
                 print(f"turbo-trt: applying LoRAs: {count} weights in {', '.join(sorted(updates)) or 'none'} ...",
                       file=sys.stderr, flush=True)
-            set_weights(updates, state.current_weight)
+            state.begin(wanted)
+            try:
+                set_weights(updates, state.current_weight)
+            except BaseException:
+                state.failed(wanted)
+                raise
             state.commit(loras, wanted)
 
     @property

@@ -454,3 +454,27 @@ def test_refit_code_type_checks_against_tensorrt_rtx(tmp_path):
 
     done = _mypy(_rtx_stubs(tmp_path), ["runner/executors/tensorrt_refit.py"])
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.gpu
+def test_tensorrt_refit_on_gpu(loras, tmp_path):
+    """On a GPU: refittable engines of the installed flavor, LoRAs refitted in, images equal to the ONNX
+    Runtime executor's with the same LoRAs (parity tolerance), and back to the base bit for bit."""
+    from turbo_trt.flavors import installed_flavors
+    from turbo_trt.gpu import current_gpu
+
+    if current_gpu() is None or not installed_flavors():
+        pytest.skip("needs an NVIDIA GPU and TensorRT or TensorRT-RTX")
+    out = tmp_path / "gpu-refit"
+    quiet_build(tiny_options("tiny-sd-turbo", out, flavor=installed_flavors()[0], engine=EngineOptions(refittable=True)))
+    gpu = TurboPipeline.from_bundle(out, executor="tensorrt", strict_targets=False)
+    cpu = TurboPipeline.from_bundle(out, executor="onnxruntime")
+    base = _images(gpu)
+    for wanted in ({loras["style"]: 0.5}, {loras["style"]: 1.0, loras["detail"]: 0.5}):
+        gpu.set_loras(wanted)
+        cpu.set_loras(wanted)
+        ours = _images(gpu)
+        assert np.abs(ours.astype(int) - base).mean() > 1.0
+        _close_to(ours, _images(cpu).astype(np.int32))
+    gpu.set_loras({})
+    assert np.array_equal(_images(gpu), base)

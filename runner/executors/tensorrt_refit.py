@@ -27,9 +27,10 @@ from turbo_trt.errors import FlavorError
 if TYPE_CHECKING:  # the common API, typed by tensorrt-stubs (tensorrt_rtx has the same classes)
     import tensorrt as trt_api
 
-#: component -> initializer name -> new value (graph layout and dtype), or None for "as it is now".
+#: component -> initializer name -> new value (graph layout and dtype), or None for "back to base".
 Updates = Mapping[str, Mapping[str, "np.ndarray | None"]]
-#: (component, initializer) -> the weight's value as it stands (base, or the applied LoRAs' merge).
+#: (component, initializer) -> the weight's value in the set being applied (the merge of its LoRAs, or
+#: the base): `BundleLoras.current_weight` in runner/lora.py.
 CurrentWeight = Callable[[str, str], np.ndarray]
 
 
@@ -67,12 +68,12 @@ def refit_engines(
 ) -> RefitReport:
     """Refit each engine named in `updates` (component -> {initializer: value or None}).
 
-    `trt` is the flavor's module (`Flavor.trt`), `engines` the deserialized engines by component,
-    `logger` the ILogger they were deserialized with, `current_weight(component, name)` supplies values for
-    None entries and for weights TensorRT reports missing, `stream` (a CUDA stream handle) makes the
-    refit asynchronous on that stream (the caller synchronizes before the next launch). Raises RefitError
-    if TensorRT rejects a weight or the refit; an engine that fails mid-way must be refitted again (with
-    the previous values) or reloaded."""
+    `trt` is the flavor's module (`Flavor.trt`), `engines` the deserialized engines by component, `logger`
+    the ILogger they were deserialized with. `current_weight(component, name)` supplies the value in the set
+    being applied for None entries (the base) and for weights TensorRT reports missing. With `stream` (a
+    CUDA stream handle) the refit is asynchronous on that stream (the caller synchronizes before the next
+    launch). Raises RefitError if TensorRT rejects a weight or the refit; an engine that fails part-way
+    must be refitted again (runner/lora.py re-sends every weight of both sets) or reloaded."""
     report = RefitReport()
     start = time.perf_counter()
     for component, changes in updates.items():
