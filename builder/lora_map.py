@@ -83,7 +83,6 @@ def record_weight_map(wrapper: Any, component: str, part: str, graph: Path) -> d
     """Map the LoRA-targetable weights of `wrapper`'s part onto `graph`'s initializers (all external)."""
     import onnx
     import torch
-    from onnx import numpy_helper
 
     model = onnx.load(str(graph), load_external_data=False)
     data_files = set()
@@ -99,12 +98,15 @@ def record_weight_map(wrapper: Any, component: str, part: str, graph: Path) -> d
                                 "shape": [int(d) for d in init.dims], "dtype": np.dtype(dtype).name}
     if len(data_files) > 1:
         raise ValueError(f"{graph.name}: initializers spread over {sorted(data_files)}; expected one data file")
-    full = onnx.load(str(graph), load_external_data=True)
-    for init in full.graph.initializer:
-        if init.name not in locations:
-            continue  # inline constants (shapes, scales) carry no module weight
-        by_content.setdefault(_key(numpy_helper.to_array(init)), []).append(init.name)
-    del full
+    # Inline constants (shapes, scales) carry no module weight; external ones are read straight from the
+    # data file (memory-mapped: no second copy of a full-size UNet in memory).
+    if data_files:
+        blob = np.memmap(graph.parent / next(iter(data_files)), dtype=np.uint8, mode="r")
+        for name, loc in locations.items():
+            raw = blob[loc["offset"]:loc["offset"] + loc["length"]]
+            array = np.frombuffer(raw, dtype=loc["dtype"]).reshape(loc["shape"])
+            by_content.setdefault(_key(array), []).append(name)
+        del blob
 
     _, module = wrapped_part(wrapper)
     modules: dict[str, dict[str, Any]] = {}
