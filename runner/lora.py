@@ -189,7 +189,13 @@ def _ldm_to_diffusers(name: str, layers: int) -> str:
     return name
 
 
-def _resolve(name: str, style: str, family: str, modules: ModuleShapes, key: str, path: Path) -> tuple[str, str]:
+def _kohya_tables(modules: ModuleShapes) -> dict[str, dict[str, str]]:
+    """part -> {module path with "_" for "." -> module path}: kohya names resolved against real modules."""
+    return {part: {module.replace(".", "_"): module for module in names} for part, names in modules.items()}
+
+
+def _resolve(name: str, style: str, family: str, modules: ModuleShapes, key: str, path: Path,
+             tables: dict[str, dict[str, str]]) -> tuple[str, str]:
     """(part, module path) of a key's module name, checked against the model's modules."""
     if style == "kohya":
         prefix = next(p for p in sorted(_KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p))
@@ -200,7 +206,7 @@ def _resolve(name: str, style: str, family: str, modules: ModuleShapes, key: str
             flat = _ldm_to_diffusers(flat, _layers_per_block(modules.get("unet", {})))
         else:
             flat = flat.removeprefix("text_model_")
-        table = {module.replace(".", "_"): module for module in modules.get(part, {})}
+        table = tables.get(part, {})
         if flat not in table:
             raise LoraError(f"{path}: key {key}: no module of the {part} is named {flat!r} "
                             f"(kohya naming); is this LoRA for another model?")
@@ -278,6 +284,7 @@ def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
         raise LoraError(f"LoRA file not found: {path}")
     tensors, metadata = read_safetensors(path)
     peft = _peft_alphas(metadata)
+    tables = _kohya_tables(modules)
     pieces: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     keys: dict[tuple[str, str, str], str] = {}
     for key in sorted(tensors):
@@ -286,7 +293,7 @@ def load_lora(path: Path | str, family: str, modules: ModuleShapes) -> LoraFile:
             raise LoraError(f"{path}: key {key} is not a LoRA weight this reader knows (expected lora_A/lora_B, "
                             "lora.down/lora.up or kohya lora_down/lora_up/alpha names)")
         name, role, style = split
-        target = _resolve(name, style, family, modules, key, path)
+        target = _resolve(name, style, family, modules, key, path, tables)
         if role in pieces.setdefault(target, {}):
             raise LoraError(f"{path}: key {key}: {target[0]} module {target[1]} has two {role} tensors")
         pieces[target][role] = tensors[key]

@@ -431,14 +431,19 @@ def test_non_refittable_bundle_is_refused(sd_bundle, loras):
 
 
 def test_generate_cli_applies_lora(refit_bundle, loras, tmp_path):
+    """`generate --lora` in a Python where torch, diffusers, transformers, safetensors and onnx cannot be
+    imported: the run-time LoRA path is torch-free."""
     from PIL import Image
 
+    from tests.conftest import write_import_blocker
+
+    env = write_import_blocker(tmp_path, ("torch", "diffusers", "transformers", "safetensors", "onnx", "peft"))
     outs = []
     for extra in ([], ["--lora", f"{loras['style']}:0.5"]):
         out = tmp_path / f"img{len(outs)}.png"
         done = subprocess.run([sys.executable, "-m", "turbo_trt.cli", "generate", "--engines", str(refit_bundle),
                                "--prompt", PROMPT, "--seed", "3", "--executor", "onnxruntime", "--out", str(out),
-                               *extra], capture_output=True, text=True)
+                               *extra], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         outs.append(np.asarray(Image.open(out)))
     assert np.abs(outs[0].astype(int) - outs[1]).mean() > 1.0
