@@ -402,6 +402,13 @@ class BundleLoras:
         if data.get("format") != WEIGHT_MAP_FORMAT:
             raise LoraError(f"{file}: weight map format {data.get('format')!r}, this turbo-trt reads "
                             f"{WEIGHT_MAP_FORMAT}; rebuild the bundle")
+        # Base values are read from the graph's data file (also on a GPU, where only engines were checked):
+        # it must be there and long enough for every recorded offset.
+        data_file = self.path / "onnx" / str(data.get("data_file"))
+        spans = [t["offset"] + t["length"] for info in data["modules"].values() for t in info["targets"]]  # type: ignore[attr-defined]
+        if not data_file.is_file() or data_file.stat().st_size < max(spans, default=0):
+            raise LoraError(f"{self.path}: {data_file.name}, which holds {component}'s base weights, is missing or "
+                            "truncated; rebuild the bundle")
         return data
 
     def module_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
