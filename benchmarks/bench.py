@@ -228,8 +228,9 @@ def _checks(pipe: Any, opts: BenchOptions, before_timing: tuple[int, int] | None
     import numpy as np
 
     free_before, allocations_before = before_timing
-    allocated = free_before - _device_free()
+    allocated = free_before - _device_free()  # read before the reference executor below allocates
     allocator = getattr(getattr(pipe.executor, "engines", None), "allocator", None)
+    tensorrt_allocations = None if allocator is None else allocator.allocations - allocations_before
     stats = pipe.executor.graph_stats()
     plain = _plain_twin(pipe)
     cases: list[tuple[str, dict[str, Any]]] = [("txt2img", {})]
@@ -253,8 +254,7 @@ def _checks(pipe: Any, opts: BenchOptions, before_timing: tuple[int, int] | None
     return {"graphs_captured": captured, "graph_capture_failed": failed,
             "plain_enqueue_fallbacks": stats.get("plain_enqueue_fallbacks", 0),
             "graph_vs_plain_enqueue": compared, "device_bytes_allocated_during_timed_images": allocated,
-            "tensorrt_allocations_during_timed_images":
-                None if allocator is None else allocator.allocations - allocations_before}
+            "tensorrt_allocations_during_timed_images": tensorrt_allocations}
 
 
 def _efficiency(stages: dict[str, dict[str, float]], flops: dict[str, int], batch: int,

@@ -46,8 +46,11 @@ def read_cache(path: Path) -> bytes | None:
     try:
         with _locked(path, exclusive=False):
             return path.read_bytes()
-    except OSError:
-        return None
+    except OSError:  # a read-only bundle: no lock file can be made, and no writer can be there either
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
 
 
 def write_cache(path: Path, data: bytes) -> bool:

@@ -20,15 +20,23 @@ from .conftest import quiet_build, tiny_options
 
 pytestmark = pytest.mark.gpu
 
-if current_gpu() is None or not installed_flavors():
-    pytest.skip("needs an NVIDIA GPU and TensorRT or TensorRT-RTX", allow_module_level=True)
+if current_gpu() is None:
+    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def gpu_bundle(tmp_path_factory):
+    """The tiny bundle, with engines of the installed flavor built on this GPU (ONNX only without one:
+    the ONNX Runtime CUDA executor still runs)."""
     out = tmp_path_factory.mktemp("gpu") / "tiny-sd-turbo"
-    quiet_build(tiny_options("tiny-sd-turbo", out, flavor=installed_flavors()[0]))
+    flavors = installed_flavors()
+    quiet_build(tiny_options("tiny-sd-turbo", out, flavor=flavors[0] if flavors else None, onnx_only=not flavors))
     return out
+
+
+def _need_tensorrt() -> None:
+    if not installed_flavors():
+        pytest.skip("needs TensorRT or TensorRT-RTX")
 
 
 def _strict(bundle) -> bool:
@@ -45,6 +53,7 @@ def _strict(bundle) -> bool:
 def trt_pipe(gpu_bundle):
     from turbo_trt.runner import TurboPipeline
 
+    _need_tensorrt()
     return TurboPipeline.from_bundle(gpu_bundle, executor="tensorrt", strict_targets=_strict(gpu_bundle))
 
 
@@ -57,6 +66,7 @@ def counted_pipe(gpu_bundle):
     from turbo_trt.runner.bundle import open_bundle
     from turbo_trt.runner.executors.tensorrt import EngineSet, TensorRTExecutor
 
+    _need_tensorrt()
     bundle = open_bundle(gpu_bundle, files="engine")
     flavor = load_flavor(read_manifest(gpu_bundle)["engine"]["flavor"])
     engines = EngineSet(bundle, flavor, count_allocations=True)
@@ -76,12 +86,13 @@ def _cuda_pipe(gpu_bundle, **kwargs):
 
 
 @pytest.fixture(scope="module", params=["tensorrt", "onnxruntime-cuda"])
-def gpu_pipes(request, gpu_bundle, trt_pipe):
+def gpu_pipes(request, gpu_bundle):
     """(graphed pipeline, the same executor kind without graphs) for each GPU executor that runs here."""
     from turbo_trt.runner.executors.tensorrt import TensorRTExecutor
     from turbo_trt.runner.pipeline import TurboPipeline
 
     if request.param == "tensorrt":
+        trt_pipe = request.getfixturevalue("trt_pipe")
         return trt_pipe, TurboPipeline(trt_pipe.bundle, TensorRTExecutor(trt_pipe.executor.engines, use_graphs=False))
     return _cuda_pipe(gpu_bundle), _cuda_pipe(gpu_bundle, cuda_graphs=False)
 
@@ -111,6 +122,8 @@ def test_graph_replay_equals_plain_run(gpu_pipes, steps, strength):
         a = graphed(prompt, num_inference_steps=steps, seed=9, output_type="np", **extra)
         b = plain(prompt, num_inference_steps=steps, seed=9, output_type="np", **extra)
         np.testing.assert_array_equal(a, b)
+    stats = graphed.executor.graph_stats()
+    assert stats.get("graphs_captured", stats.get("sessions_with_graphs", 0)) > 0, stats
 
 
 def test_tensorrt_captures_every_graph(trt_pipe):
@@ -223,7 +236,9 @@ def test_forks_in_threads(gpu_pipes):
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a runner thread hung"
     assert not errors, errors
+    assert sorted(got) == [0, 1, 2, 3]
     for i, image in got.items():
         np.testing.assert_array_equal(image, want[i])
     for f in forks:

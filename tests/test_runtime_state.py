@@ -69,3 +69,13 @@ def test_runtime_cache_in_a_read_only_bundle_is_skipped(tmp_path):
             assert write_cache(path, b"x") is False and read_cache(path) is None
     finally:
         (tmp_path / "ro").chmod(0o700)
+
+
+def test_cold_start_child_process_reports_each_phase(sd_bundle):
+    from turbo_trt.benchmarks.cold_start import measure_in_child
+
+    cold = measure_in_child(sd_bundle[0], "onnxruntime", 1, runtime_cache=True, strict_targets=True, timeout=300)
+    assert "error" not in cold, cold
+    assert cold["total_s"] > cold["first_run_s"] > 0 and cold["runtime_cache_loaded"] is False
+    broken = measure_in_child(sd_bundle[0].parent / "missing", "onnxruntime", 1, True, True, timeout=300)
+    assert "missing" in broken["error"]

@@ -139,14 +139,17 @@ def test_program_matches_onnxruntime_executor(setup, steps, strength):
     assert unets == [unet_context(j) for j in reversed(range(plan.runs))]
     assert replay.enqueued[-1] == "vae_decoder" and replay.enqueued[0] == "text_encoder"
     assert ("vae_encoder" in replay.enqueued) == img2img
-    # a cache hit (embeddings copied back from slot 0, encoders skipped) gives the same image
+    # another prompt (stored in slot 1) overwrites the live embeddings; then a hit on slot 0 (embeddings
+    # copied back, encoders skipped) must give the first prompt's image again
+    other, _ = replay.image(pipe.token_ids(["a lighthouse at dusk"]), plan, noise, image, store=1)
+    assert not np.array_equal(other, want)
     replay.enqueued.clear()
     hit, _ = replay.image(ids, plan, noise, image, slot=0)
     np.testing.assert_array_equal(hit, want)
     assert not any(name.startswith("text_encoder") for name in replay.enqueued)
 
 
-def test_every_binding_is_aligned_and_inside_its_buffer(setup):
+def test_every_binding_is_aligned_and_every_io_is_bound(setup):
     _, replay = setup
     layout = replay.layout
     for key, tensors in replay.bindings.items():

@@ -53,14 +53,21 @@ class Executor(ABC):
     def cache_stats(self) -> dict[str, int]:
         return {"hits": self._lru.hits, "misses": self._lru.misses, "entries": len(self._lru)}
 
+    def invalidate_prompt_cache(self) -> None:
+        """Forget every cached prompt (its embeddings came from weights that have changed)."""
+        self._lru.clear()
+        self._cache_generation = getattr(self, "_cache_generation", 0) + 1
+
     @contextlib.contextmanager
     def prompt_cache_disabled(self) -> Iterator[None]:
         """Within the block every call runs the text encoders (for measuring the full path)."""
-        saved = self._lru
+        saved, generation = self._lru, getattr(self, "_cache_generation", 0)
         self._lru = SlotLRU(0)
         try:
             yield
         finally:
+            if getattr(self, "_cache_generation", 0) != generation:
+                saved.clear()  # invalidated while set aside
             self._lru = saved
 
     def close(self) -> None:

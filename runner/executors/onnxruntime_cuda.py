@@ -8,8 +8,10 @@ has one binding per possible number of UNet runs r, writing latents[r]; the deco
 nothing travels through the host between stages: per image the host updates the inputs in place (ids,
 noise, the plan's timesteps and coefficients: a few hundred bytes besides the noise), runs the sessions,
 and reads the uint8 image back. With CUDA graphs on (ONNX Runtime's `enable_cuda_graph`), each binding
-replays its own graph, told apart by the `gpu_graph_id` run option; a session whose graph cannot be
-captured (a node ONNX Runtime places on the CPU) is re-created without graphs, with a warning.
+replays its own graph, told apart by the `gpu_graph_id` run option; every binding runs a few times at load
+so all graphs are captured before the first image, and a session whose graph cannot be captured (a node
+ONNX Runtime places on the CPU) is re-created without graphs, with a warning. With graphs on, images of
+all such executors in a process take turns (ONNX Runtime captures in global mode).
 
 The prompt cache keeps embeddings on the host (ONNX Runtime's Python API has no device-to-device copy);
 a hit uploads them in place of running the text encoders.
@@ -20,6 +22,8 @@ machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import warnings
 from typing import Any
@@ -35,6 +39,12 @@ from ..schedule import Plan
 from .base import Executor, Timings
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
+#: Runs of each binding at load: ONNX Runtime's CUDA provider runs a graph id plainly a couple of times
+#: before it captures it, so after these every graph exists and no image pays for a capture.
+WARM_RUNS = 3
+#: ONNX Runtime captures in global mode, where a blocking copy from another thread breaks the capture; with
+#: graphs on, images of all executors in the process take turns (ONNX Runtime CUDA is the fallback path).
+_GRAPH_LOCK = threading.Lock()
 
 
 class GraphFallbackWarning(RuntimeWarning):
@@ -78,16 +88,18 @@ class OnnxRuntimeCudaExecutor(Executor):
         self.device = device
         self.cuda_graphs = cuda_graphs and device == "cuda"
         self.io = manifest_io(bundle.manifest["components"])
+        self.graphs = {name: self.cuda_graphs for name in bundle.components()}  # per session: graphs still on
         self.sessions = sessions if sessions is not None else {
             name: self._session(name, self.cuda_graphs) for name in bundle.components()}
-        self.graphs = {name: self.cuda_graphs for name in self.sessions}  # per session: graphs still on
         scheduler = bundle.manifest["scheduler"]
         self.max_steps = int(scheduler["max_steps"])
         self.ancestral = bool(scheduler["ancestral"])
         self._allocate()
         self._bind()
         self._slots: dict[int, dict[str, np.ndarray]] = {}
-        self._warm: set[tuple[str, int]] = set()  # (session, graph id) that have run once
+        if self.cuda_graphs:
+            with _GRAPH_LOCK:
+                self._capture_all()
 
     # -- load ---------------------------------------------------------------------------------------------
     def _session(self, name: str, graphs: bool) -> Any:
@@ -99,7 +111,16 @@ class OnnxRuntimeCudaExecutor(Executor):
         else:
             providers = ["CPUExecutionProvider"]
         path = self.bundle.path / self.bundle.component(name)["onnx"]
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            if not graphs:
+                raise
+            # ONNX Runtime refuses CUDA graphs at session creation when some node runs on the CPU
+            warnings.warn(f"{name}: ONNX Runtime cannot use CUDA graphs for this graph ({exc}); running it "
+                          "without graphs", GraphFallbackWarning, stacklevel=3)
+            self.graphs[name] = False
+            return self._session(name, graphs=False)
         if self.device == "cuda" and session.get_providers()[0] != CUDA_PROVIDER:
             raise ExecutorUnavailable(
                 f"ONNX Runtime could not start its CUDA provider for {name} (providers: {session.get_providers()}): "
@@ -108,8 +129,11 @@ class OnnxRuntimeCudaExecutor(Executor):
         return session
 
     def _value(self, component: str, tensor: str) -> Any:
+        """A device buffer for `tensor`, zero-filled (the warm-up runs read every input once)."""
         t = self.io[component][tensor]
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), np.dtype(t.dtype), self.device, 0)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(t.shape), np.dtype(t.dtype), self.device, 0)
+        value.update_inplace(np.zeros(t.shape, np.dtype(t.dtype)))
+        return value
 
     def _allocate(self) -> None:
         b = self.bundle
@@ -120,8 +144,6 @@ class OnnxRuntimeCudaExecutor(Executor):
         self.timesteps = [value("unet", "timestep") for _ in range(self.max_steps)]
         self.coeffs = [value("unet", "step_coeffs") for _ in range(self.max_steps)]
         self.step_noise = [value("unet", "step_noise") for _ in range(self.max_steps if self.ancestral else 1)]
-        if not self.ancestral:
-            self.step_noise[0].update_inplace(np.zeros(self.io["unet"]["step_noise"].shape, np.float32))
         self.image = value("vae_decoder", "image")
         self.nonfinite = value("vae_decoder", "nonfinite")
         if b.img2img:
@@ -167,18 +189,27 @@ class OnnxRuntimeCudaExecutor(Executor):
         try:
             self.sessions[name].run_with_iobinding(self.bindings[name][index], options)
         except Exception as exc:
-            if not self.graphs[name] or (name, index) in self._warm:
-                raise ExecutionError(f"ONNX Runtime failed to run {label or name}: {exc}", stage=label or name) from exc
-            # the first run of a graph id captures it: a session that cannot be captured runs without graphs
-            warnings.warn(f"{name}: CUDA graph capture failed in ONNX Runtime ({exc}); running it without graphs",
-                          GraphFallbackWarning, stacklevel=3)
-            self.sessions[name] = self._session(name, graphs=False)
-            self.graphs[name] = False
-            self._bind()
-            self.sessions[name].run_with_iobinding(self.bindings[name][index], self.ort.RunOptions())
-        self._warm.add((name, index))
+            raise ExecutionError(f"ONNX Runtime failed to run {label or name}: {exc}", stage=label or name) from exc
         if timings is not None:
             timings.append((label or name, time.perf_counter() - start))
+
+    def _capture_all(self) -> None:
+        """Run every binding WARM_RUNS times at load, so ONNX Runtime (which captures a graph id after a
+        couple of plain runs) has captured every graph before the first image; a session whose capture
+        fails is re-created without graphs."""
+        for name in list(self.sessions):
+            for index in range(len(self.bindings[name])):
+                for _ in range(WARM_RUNS):
+                    try:
+                        self._run(name, index)
+                    except ExecutionError as exc:
+                        if not self.graphs[name]:
+                            raise
+                        warnings.warn(f"{name}: CUDA graph capture failed in ONNX Runtime ({exc}); running it "
+                                      "without graphs", GraphFallbackWarning, stacklevel=2)
+                        self.graphs[name] = False
+                        self.sessions[name] = self._session(name, graphs=False)
+                        self._bind()
 
     def _fill(self, plan: Plan, noise: Noise, image: np.ndarray | None) -> None:
         runs = plan.runs
@@ -216,24 +247,30 @@ class OnnxRuntimeCudaExecutor(Executor):
             self._run("unet", plan.runs - 1 - k, timings, f"unet[{k}]")
         self._run("vae_decoder", 0, timings)
         start = time.perf_counter()
-        result = self.image.numpy(), int(self.nonfinite.numpy()[0])
+        # .numpy() of a CPU OrtValue is a view of the live buffer: copy (on a GPU it is a fresh host copy)
+        result = self.image.numpy().copy(), int(self.nonfinite.numpy()[0])
         if timings is not None:
             timings.append(("download", time.perf_counter() - start))
         if slot is None and use_cache:  # stored only once the whole image succeeded
             new_slot = self._lru.assign(key)
             if new_slot is not None:
-                self._slots[new_slot] = {name: value.numpy() for name, value in self.embeddings.items()}
+                self._slots[new_slot] = {name: value.numpy().copy() for name, value in self.embeddings.items()}
         return result
+
+    def _turn(self) -> contextlib.AbstractContextManager[Any]:
+        return _GRAPH_LOCK if self.cuda_graphs else contextlib.nullcontext()
 
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
             image: np.ndarray | None) -> tuple[np.ndarray, int]:
-        return self._generate(ids, plan, noise, image, use_cache=True)
+        with self._turn():
+            return self._generate(ids, plan, noise, image, use_cache=True)
 
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
                      image: np.ndarray | None) -> Timings:
         """Wall time per session run (each includes ONNX Runtime's own sync at the end of the run)."""
         timings: Timings = []
-        self._generate(ids, plan, noise, image, use_cache=False, timings=timings)
+        with self._turn():
+            self._generate(ids, plan, noise, image, use_cache=False, timings=timings)
         return timings
 
     def fork(self) -> OnnxRuntimeCudaExecutor:

@@ -76,13 +76,31 @@ class TensorRTExecutor(Executor):
         self.use_graphs = use_graphs
         self.memory = cuda.Memory()
         self.stream = cuda.new_stream()
-        self.layout = Layout(self.bundle, self.memory, cache_size)
-        self.contexts: dict[str, trt_api.IExecutionContext] = {
-            key: engines.create_context(component) for key, component in self.layout.contexts()
-        }
+        self.contexts: dict[str, trt_api.IExecutionContext] = {}
+        try:
+            self._load()
+        except BaseException:
+            self.contexts.clear()
+            self.memory.free_all()
+            cuda.destroy_stream(self.stream)
+            self.stream = None
+            raise
+        self._graphs: dict[tuple[tuple[str, int, int], bool], _Captured] = {}
+        self._capture_failures: dict[tuple[tuple[str, int, int], bool], int] = {}
+        self.plain_runs = 0  # images run with plain enqueues although graphs were on
+        self._warm: set[str] = set()  # contexts that have run once (eagerly) since load
+        self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
+        self._events: list[Any] = []
+        self._broken: str | None = None  # a sync that could not complete: the CUDA context is unusable
+        self._weights_version = engines.weights_version
+
+    def _load(self) -> None:
+        engines = self.engines
+        self.layout = Layout(self.bundle, self.memory, self.cache_size)
+        for key, component in self.layout.contexts():
+            self.contexts[key] = engines.create_context(component)
         # one scratch allocation for all contexts (they never run at the same time)
-        scratch = engines.scratch_bytes()
-        self.scratch_bytes = max(scratch.values())
+        self.scratch_bytes = max(engines.scratch_bytes().values())
         self.scratch = self.memory.alloc(self.scratch_bytes)
         for context in self.contexts.values():
             self._set_scratch(context)
@@ -91,14 +109,6 @@ class TensorRTExecutor(Executor):
                  self.stream)
         cuda.synchronize(self.stream)
         self._bind_all()
-        self._graphs: dict[tuple[tuple[str, int, int], bool], _Captured] = {}
-        self._capture_failures: dict[tuple[tuple[str, int, int], bool], int] = {}
-        self.plain_runs = 0  # images run with plain enqueues although graphs were on
-        self._warm: set[str] = set()  # modes whose contexts have run once
-        self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
-        self._events: list[Any] = []
-        self._broken: str | None = None  # a sync that could not complete: the CUDA context is unusable
-        self._weights_version = engines.weights_version
 
     # -- load -------------------------------------------------------------------------------------------------
     def _set_scratch(self, context: Any) -> None:
@@ -157,11 +167,13 @@ class TensorRTExecutor(Executor):
             return self._graphs[key]
         if self._capture_failures.get(key, 0) >= CAPTURE_ATTEMPTS:
             return None
-        if plan.mode not in self._warm:  # each context runs once, eagerly, before any capture that uses it
-            self._execute(self.layout.program(plan, True))
+        program = self.layout.program(plan, True)
+        needed = {op.name for op in program if op.kind == "enqueue"}
+        if not needed <= self._warm:  # every context runs once, eagerly, before any capture that uses it
+            self._execute(program)
             cuda.synchronize(self.stream)
-            self._warm.add(plan.mode)
-            self.engines.save_runtime_cache()  # the JIT has compiled this mode's kernels
+            self._warm |= needed
+            self.engines.save_runtime_cache()  # the JIT has compiled these contexts' kernels
         try:
             self._check_capturable(plan)
             cuda.begin_capture(self.stream)
@@ -199,11 +211,12 @@ class TensorRTExecutor(Executor):
         self._check_usable()
         cuda.synchronize(self.stream)
         engines = self.engines
-        try:
-            refit_engines(engines.flavor.trt, engines.engines, engines.logger, updates, current_weight,
-                          log=lambda message: print(f"turbo-trt: {message}", flush=True))
-        finally:
-            engines.weights_version += 1  # even a half-done refit changed weights: recapture everywhere
+        with engines.use_lock.exclusive():  # no fork is executing these engines during the refit
+            try:
+                refit_engines(engines.flavor.trt, engines.engines, engines.logger, updates, current_weight,
+                              log=lambda message: print(f"turbo-trt: {message}", flush=True))
+            finally:
+                engines.weights_version += 1  # even a half-done refit changed weights: recapture everywhere
 
     def _follow_weights(self) -> None:
         """Drop graphs and cached embeddings made before the shared engines were last refitted."""
@@ -213,7 +226,8 @@ class TensorRTExecutor(Executor):
                 cuda.destroy_graph(captured.graph, captured.graph_exec)
             self._graphs.clear()
             self._capture_failures.clear()
-            self._lru.clear()
+            self._warm.clear()
+            self.invalidate_prompt_cache()
             self._weights_version = self.engines.weights_version
 
     # -- per image --------------------------------------------------------------------------------------------
@@ -236,6 +250,10 @@ class TensorRTExecutor(Executor):
         return ExecutionError(f"{stage} failed: {exc}", stage=stage)
 
     def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+        with self.engines.use_lock.shared():
+            return self._run(ids, plan, noise, image)
+
+    def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
         self._check_usable()
         layout = self.layout
         layout.fill(ids, noise, image, plan.runs)
@@ -247,6 +265,7 @@ class TensorRTExecutor(Executor):
             if slot is not None:
                 self._execute(layout.cache_copies(slot, store=False))
             with_encoders = slot is None
+            stage = "warm-up and graph capture"
             graph = self._graph(plan, with_encoders) if self.use_graphs else None
             if graph is not None:
                 stage = f"graph launch ({plan.mode}, {plan.runs} UNet run(s))"
@@ -271,6 +290,10 @@ class TensorRTExecutor(Executor):
 
     def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
+        with self.engines.use_lock.shared():
+            return self._run_profiled(ids, plan, noise, image)
+
+    def _run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
         self._check_usable()
         program = self.layout.program(plan, True)
         marks = sum(op.kind == "mark" for op in program)
@@ -306,10 +329,11 @@ class TensorRTExecutor(Executor):
 
     def prepare(self, plan: Plan) -> None:
         """Capture `plan`'s graphs now (both variants) rather than on its first call."""
-        self._check_usable()
-        if self.use_graphs:
-            for with_encoders in (True, False):
-                self._graph(plan, with_encoders)
+        with self.engines.use_lock.shared():
+            self._check_usable()
+            if self.use_graphs:
+                for with_encoders in (True, False):
+                    self._graph(plan, with_encoders)
 
     def fork(self) -> TensorRTExecutor:
         return TensorRTExecutor(self.engines, self.cache_size, self.use_graphs)

@@ -25,6 +25,7 @@ from turbo_trt.io_contract import TensorIO, check_io
 from .. import cuda
 from ..bundle import Bundle
 from ..runtime_cache import cache_path, read_cache, write_cache
+from ..rwlock import ReadWriteLock
 
 if TYPE_CHECKING:  # the common API, typed by tensorrt-stubs (tensorrt_rtx has the same classes)
     import tensorrt as trt_api
@@ -57,8 +58,13 @@ def _stream_reader(trt: Any, path: Path) -> Any:
 
 def deserialize(runtime: Any, trt: Any, path: Path) -> Any:
     """Deserialize one plan file, streamed in chunks where the flavor can (returns None on failure)."""
+    reader = None
     if hasattr(trt, "IStreamReaderV2"):
-        reader = _stream_reader(trt, path)
+        try:
+            reader = _stream_reader(trt, path)
+        except RuntimeError:  # the reader needs a CUDA driver; without one, fail below with TensorRT's own word
+            reader = None
+    if reader is not None:
         try:
             return runtime.deserialize_cuda_engine(reader)
         finally:
@@ -148,6 +154,8 @@ class EngineSet:
             self.weights_bytes[name] = max(0, free_before - cuda.memory_info()[0])
             self.engines[name] = engine
         self.weights_version = 0  # bumped by every refit; executors recapture their graphs when it moves
+        self.use_lock = ReadWriteLock()  # images: shared; refit: exclusive
+        self._configs: list[Any] = []  # runtime configs stay referenced as long as their contexts
         self.cache_file: Path | None = None
         self.cache: Any = None
         self.cache_loaded = False  # a cache file was there and TensorRT-RTX accepted it
@@ -155,6 +163,7 @@ class EngineSet:
             self.cache_file = cache_path(bundle.path, gpu_name, flavor.version)
             maker: Any = next(iter(self.engines.values())).create_runtime_config()  # RTX-only API below
             self.cache = maker.create_runtime_cache()
+            self._configs.append(maker)
             blob = read_cache(self.cache_file)
             self.cache_loaded = bool(blob) and bool(self.cache.deserialize(blob))
 
@@ -171,6 +180,7 @@ class EngineSet:
             config: Any = engine.create_runtime_config()  # set_runtime_cache is TensorRT-RTX's
             config.set_execution_context_allocation_strategy(strategy)
             config.set_runtime_cache(self.cache)
+            self._configs.append(config)
             context = engine.create_execution_context(config)
         else:
             context = engine.create_execution_context(strategy)
