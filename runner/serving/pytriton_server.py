@@ -139,7 +139,10 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
                                batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),
             strict=True,
         )
-        triton.run()
+        try:
+            triton.run()
+        except Exception as exc:  # PyTriton's own errors (a port in use, tritonserver exiting) carry no common base
+            raise UsageError(f"Triton did not start ({type(exc).__name__}: {exc}); see its log above") from exc
         host = "127.0.0.1" if options.address == "0.0.0.0" else options.address
         log(f"serving model '{options.model_name}' ({len(pipes)} instance(s), batch {pipes[0].batch}): "
             f"HTTP {host}:{options.http_port}, gRPC {host}:{options.grpc_port}, "
