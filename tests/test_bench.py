@@ -92,6 +92,11 @@ def test_bench_report_on_tiny_bundle(sd_bundle, tmp_path):
     assert "| end-to-end (text encoder every call) |" in text and "diffusers eager" in text
     assert "## Stages" in text and "unet[1]" in text
     assert result["checks"] == {"kind": "CPU run: ONNX Runtime executor, no CUDA graphs to check"}
+    assert result["executor_choice"]["name"] == "onnxruntime"
+    assert set(result["executor_choice"]["passed_over"]) == {"tensorrt", "onnxruntime-cuda"}
+    assert result["load_host_peak_rss_mib"] > 0
+    assert result["device_memory"] is None and result["cold_start_runtime_cache"] is None  # TensorRT only
+    assert "tensorrt passed over:" in text and "peak host RSS while loading" in text
     assert "## Checks" in text and "no CUDA graphs to check" in text
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 400
@@ -101,12 +106,13 @@ def test_bench_report_on_tiny_bundle(sd_bundle, tmp_path):
 def test_check_lines_say_when_graph_replay_differs():
     from turbo_trt.benchmarks.report import check_lines
 
-    lines = check_lines({"graphs_captured": 2, "graph_capture_failed": 0,
-                         "device_bytes_allocated_during_timed_images": 0,
+    lines = check_lines({"graphs_captured": 2, "graph_capture_failed": 0, "plain_enqueue_fallbacks": 1,
+                         "device_bytes_allocated_during_timed_images": 0, "tensorrt_allocations_during_timed_images": 0,
                          "graph_vs_plain_enqueue": {"txt2img": {"bit_equal": True, "max_abs_diff": 0},
                                                     "img2img": {"bit_equal": False, "max_abs_diff": 3}}})
-    assert lines == ["- CUDA graphs captured: 2 (capture failed: 0)",
+    assert lines == ["- CUDA graphs captured: 2 (capture failed: 0; images run with plain enqueues instead: 1)",
                      "- device bytes allocated during the timed images: 0",
+                     "- allocations TensorRT asked its allocator for during the timed images: 0",
                      "- txt2img: graph replay equals plain enqueue (max abs diff 0)",
                      "- img2img: graph replay DIFFERS from plain enqueue (max abs diff 3)"]
 
