@@ -336,6 +336,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
         "cold_start_runtime_cache": _runtime_cache_cold_starts(pipe, opts, log),
         "load_host_peak_rss_mib": load_peak,
         "device_memory": pipe.executor.memory_report() if executor == "tensorrt" else None,
+        "device_memory_line": pipe.executor.describe_memory() if executor == "tensorrt" else None,
         "latency": summarize(uncached),
         "latency_cached_prompt": summarize(cached),
         "samples_ms": [round(s * 1e3, 3) for s in uncached],

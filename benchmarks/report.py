@@ -70,12 +70,8 @@ def load_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"- cold start {label} the runtime cache (fresh process): "
                          + (f"{run['total_s']:.3f} s (first image {run['first_run_s']:.3f} s)" if "total_s" in run
                             else f"failed: {run.get('error')}"))
-    device = result.get("device_memory")
-    if device:
-        mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
-        lines.append(f"- device memory: weights {mib(device['weights_bytes'])} MiB, scratch {mib(device['scratch_bytes'])} "
-                     f"MiB shared by {device['contexts']} contexts (one each would be "
-                     f"{mib(device['scratch_bytes_one_per_context'])} MiB), buffers {mib(device['buffer_bytes'])} MiB")
+    if result.get("device_memory_line"):
+        lines.append(f"- {result['device_memory_line']}")
     return lines
 
 

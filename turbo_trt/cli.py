@@ -196,6 +196,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     seed = secrets.randbelow(2**63) if args.seed is None else args.seed
     pipe = TurboPipeline.from_bundle(args.engines, executor=args.executor, strict_targets=not args.ignore_targets)
     print(pipe.executor_choice.describe(), file=sys.stderr)
+    if hasattr(pipe.executor, "describe_memory"):
+        print(pipe.executor.describe_memory(), file=sys.stderr)
     if args.lora:
         pipe.set_loras(dict(_lora_arguments(args.lora)))
     images = pipe(args.prompt, num_inference_steps=args.steps, seed=seed, noise=noise, image=image,

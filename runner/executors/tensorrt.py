@@ -143,6 +143,14 @@ class TensorRTExecutor(Executor):
             "buffer_bytes": self.memory.device_bytes - self.scratch_bytes,
         }
 
+    def describe_memory(self) -> str:
+        """One line for humans: what `memory_report` says."""
+        r = self.memory_report()
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        return (f"device memory: weights {mib(r['weights_bytes'])}, scratch {mib(r['scratch_bytes'])} shared by "
+                f"{r['contexts']} contexts (one each would be {mib(r['scratch_bytes_one_per_context'])}), "
+                f"buffers {mib(r['buffer_bytes'])}")
+
     # -- the program (enqueued eagerly or captured) ----------------------------------------------------------
     def _execute(self, ops: list[Op]) -> None:
         s = self.stream
