@@ -23,8 +23,11 @@ def _pipeline(manifest: dict[str, Any], on_gpu: bool) -> Any:
     from turbo_trt.builder import sources
 
     model = manifest["model"]
+    # The same VAE as the bundle (--vae): a local one by its absolute folder, others by their argument.
+    vae = (manifest.get("vae") or {}).get("source") or {}
+    vae_argument = vae.get("id") if vae.get("kind") == "local" else vae.get("argument")
     src = sources.resolve_source(model["argument"], model.get("revision") if model["kind"] == "hub" else None,
-                                 random_weights=model["kind"] == "random")
+                                 random_weights=model["kind"] == "random", vae=vae_argument)
     pipe = sources.load_pipeline(src)
     if on_gpu:
         pipe = pipe.to("cuda", torch.float16)

@@ -21,14 +21,15 @@ from turbo_trt.progress import Progress
 from .environment import environment
 
 
-def measure(model: str, random_weights: bool, flavor: str | None, out: Path, height: int, width: int) -> dict[str, Any]:
+def measure(model: str, random_weights: bool, flavor: str | None, out: Path, height: int, width: int,
+            vae: str | None = None) -> dict[str, Any]:
     from turbo_trt.builder.build import build
     from turbo_trt.builder.options import BuildOptions
     from turbo_trt.manifest import read_manifest
 
     start = time.perf_counter()
     report = build(BuildOptions(model=model, random_weights=random_weights, flavor=flavor, out=out,
-                                height=height, width=width, force=True), Progress())
+                                height=height, width=width, force=True, vae=vae), Progress())
     total = time.perf_counter() - start
     manifest = read_manifest(out)
     components = {}
@@ -42,11 +43,12 @@ def measure(model: str, random_weights: bool, flavor: str | None, out: Path, hei
             "peak_rss_mib_after_export": entry.get("peak_rss_mib_after_export"),
             "engine_build_peak_rss_mib": entry.get("engine_build_peak_rss_mib"),
             "cosine": {k: v["cosine"] for k, v in entry["validation"]["outputs"].items()},
+            "rel_error": {k: v.get("rel_error") for k, v in entry["validation"]["outputs"].items()},
             "file_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()},
         }
     return {
         "what": "turbo-trt build",
-        "model": model, "random_weights": random_weights,
+        "model": model, "random_weights": random_weights, "vae": manifest["vae"].get("source"),
         "flavor": (manifest.get("engine") or {}).get("flavor"),
         "shapes": manifest["shapes"], "engine": manifest.get("engine"),
         "total_seconds": round(total, 1), "pipeline_load_seconds": report.load_seconds,
@@ -66,6 +68,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
         f"- commit: {env['commit']}",
         f"- shapes: {result['shapes']['batch']} x {result['shapes']['height']}x{result['shapes']['width']}",
+        *([f"- VAE: {result['vae']['class']} ({result['vae']['kind']} {result['vae']['id']}, --vae "
+           f"{result['vae']['argument']})"] if (result.get("vae") or {}).get("argument") else []),
         f"- total wall time: {result['total_seconds']} s (pipeline load/initialization "
         f"{result.get('pipeline_load_seconds', '?')} s); peak RSS of the build process: "
         f"{result['peak_rss_mib'] / 1024:.1f} GiB",
@@ -93,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavor", default=None)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--vae", default=None, help="as `turbo-trt build --vae` (tiny, a hub id or a directory)")
     parser.add_argument("--out", type=Path, default=None, help="bundle directory (default: a temporary one)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="turbo-trt-build-") as tmp:
         out = args.out or Path(tmp) / "bundle"
-        result = measure(args.model, args.random_weights, args.flavor, out, args.height, args.width)
+        result = measure(args.model, args.random_weights, args.flavor, out, args.height, args.width, args.vae)
     stem = args.name or f"build-{args.model.replace('/', '-')}{'-random' if args.random_weights else ''}-{result['flavor']}"
     atomic_write_bytes(args.results / f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
     atomic_write_bytes(args.results / f"{stem}.md", to_markdown(result).encode())
