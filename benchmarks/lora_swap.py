@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-image", action="store_true", help="skip the one-step images before and after")
     args = parser.parse_args(argv)
 
+    import os
+
+    load_before = os.getloadavg()
     start = time.perf_counter()
     pipe = TurboPipeline.from_bundle(args.engines, executor="onnxruntime")
     load_seconds = time.perf_counter() - start
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_load_seconds": round(load_seconds, 2),
         "steps": steps,
         "restore_bit_exact_image": restored_exact,
+        # Other work on the machine during the run (1-minute load average; the machine has os.cpu_count() cores)
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     atomic_write_bytes(args.out.with_suffix(".json"), (json.dumps(result, indent=2) + "\n").encode())
     atomic_write_bytes(args.out.with_suffix(".md"), markdown(result).encode())
@@ -142,8 +147,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {step['weights_changed']} | {step['weights_restored_to_base']} | "
                      f"{step['bytes_sent'] / 2**20:.1f} | {s['read_and_check']} | {s['merge']} | {s['executor']} | "
                      f"{s['total']} |")
+    load = result["load_average_1min"]
     lines += ["", f"Pipeline load: {result['pipeline_load_seconds']} s. Image after restoring the base equals the "
-              f"image before any LoRA bit for bit: {result['restore_bit_exact_image']}.", ""]
+              f"image before any LoRA bit for bit: {result['restore_bit_exact_image']}. Load average (1 min) "
+              f"before / after: {load['before']} / {load['after']} on {env['machine']['cores']} cores (other jobs "
+              "shared the machine; times scale with it).", ""]
     return "\n".join(lines)
 
 

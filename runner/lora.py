@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from collections.abc import Mapping
@@ -478,16 +479,26 @@ class BundleLoras:
     def plan(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> Updates:
         """component -> {initializer: new value, or None for back to base} for every initializer whose
         value changes from the applied set to `wanted`."""
-        updates: Updates = {}
-        for key in set(wanted) | set(self.applied) | self._dirty:
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = sorted(set(wanted) | set(self.applied) | self._dirty)
+        for key in keys:
+            if key in wanted:
+                self.base(*key)  # read base values here, in order (file reads), before the parallel merge
+
+        def values(key: tuple[str, str]) -> list[tuple[str, np.ndarray | None]]:
             part, module = key
-            if key not in wanted:
-                value = None
-            else:
-                value = merged_weight(self.base(part, module), wanted[key])
-            for target in self._targets(part, module):
-                updates.setdefault(PART_COMPONENT[part], {})[target.initializer] = (
-                    None if value is None else _to_graph_layout(value, target.layout))
+            value = merged_weight(self.base(part, module), wanted[key]) if key in wanted else None
+            return [(t.initializer, None if value is None else _to_graph_layout(value, t.layout))
+                    for t in self._targets(part, module)]
+
+        # numpy releases the GIL in matmul, add and the FP16 casts: merge the weights on every core
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            merged = list(pool.map(values, keys))
+        updates: Updates = {}
+        for (part, _), pairs in zip(keys, merged):
+            for initializer, value in pairs:
+                updates.setdefault(PART_COMPONENT[part], {})[initializer] = value
         return updates
 
     def begin(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> None:
