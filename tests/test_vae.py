@@ -281,3 +281,42 @@ def test_tiny_vae_offline_needs_a_seeded_source(monkeypatch):
     choice = resolve_vae("tiny", "random", "sdxl", 43)  # offline: the shipped full-size TAESD config
     assert choice.kind == "seeded" and choice.config["_class_name"] == "AutoencoderTiny"
     assert choice.config["num_decoder_blocks"] == [3, 3, 3, 1] and choice.fingerprint() == choice.fingerprint()
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, vae: object) -> str:
+    """A Hugging Face cache holding `repo_id` at one commit, laid out as huggingface_hub writes it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    vae.save_pretrained(repo / "snapshots" / commit)  # type: ignore[attr-defined]
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_vae_from_the_local_cache_offline(tmp_path, monkeypatch):
+    """A hub VAE (here `--vae tiny` of a hub pipeline: madebyollin/taesd) resolves from the local cache when
+    the hub is unreachable; the manifest's record names the repo and its commit."""
+    from turbo_trt.builder.vae import resolve_vae
+
+    seeded = sources.resolve_source("tiny-sd-turbo", vae="tiny").vae
+    assert seeded is not None
+    commit = _fake_hub_cache(tmp_path / "hub", "madebyollin/taesd", seeded.load())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choice = resolve_vae("tiny", "hub", "sd", None, cache_dir=tmp_path / "hub")
+    assert (choice.kind, choice.model_id, choice.revision, choice.class_name) == (
+        "hub", "madebyollin/taesd", commit, "AutoencoderTiny")
+    loaded = choice.load()
+    expected = seeded.load().state_dict()
+    assert all(np.array_equal(v.numpy(), expected[k].numpy()) for k, v in loaded.state_dict().items())
+    # Same weights and config as the seeded VAE, but another source: the fingerprints hash the files.
+    assert choice.fingerprint() == resolve_vae("madebyollin/taesd", "preset", "sd", None,
+                                               cache_dir=tmp_path / "hub").fingerprint()
+
+
+def test_bench_baseline_uses_the_bundle_vae(sd_tiny_vae):
+    """`turbo-trt bench` compares a tiny-VAE bundle with diffusers running the same tiny VAE."""
+    from turbo_trt.benchmarks.baselines import _pipeline
+
+    bundle, _, _ = sd_tiny_vae
+    pipe = _pipeline(read_manifest(bundle), on_gpu=False)
+    assert type(pipe.vae).__name__ == "AutoencoderTiny"
