@@ -7,8 +7,9 @@ called with tritonclient over HTTP and gRPC.
 - `turbo-trt serve` with 2 instances on a batch-2 bundle: concurrent clients whose requests the dynamic
   batcher groups (Triton's metrics show fewer executions than inferences), each response equal to what its
   request gets alone; SIGTERM with requests in flight answers them all and exits cleanly.
-- `turbo-trt export-triton` served by the `tritonserver` binary the PyTriton wheel ships: the same images,
-  and bad requests failing alone while the requests batched with them succeed.
+- `turbo-trt export-triton` served by the `tritonserver` binary the PyTriton wheel ships (directly, and
+  through `turbo-trt serve --backend python`): the same images, and bad requests failing alone while the
+  requests batched with them succeed; a corrupted bundle never gets ready.
 
 Every request loop is bounded in count and every wait in time.
 """
@@ -368,29 +369,39 @@ def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, p
 
 def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path):
     server = Server(serve_argv(batch2_bundle, "--max-queue-delay-us", "100000"), tmp_path / "log.txt")
+    count = 24
     try:
         server.wait_ready()
+        sending = threading.Semaphore(0)
         first_answer = threading.Event()
+        finished: dict[int, float] = {}
 
         def job(i: int) -> np.ndarray:
             client = server.http_client()
             try:
+                sending.release()
                 image = infer(client, httpclient, prompt=f"in flight {i}", seed=i, steps=4)
+                finished[i] = time.monotonic()
                 first_answer.set()
                 return image
             finally:
                 client.close()
 
         results: list[Any] = []
-        runner = threading.Thread(target=lambda: results.extend(run_clients([lambda i=i: job(i) for i in range(12)])))
+        runner = threading.Thread(target=lambda: results.extend(run_clients([lambda i=i: job(i) for i in range(count)])))
         runner.start()
+        for _ in range(count):
+            assert sending.acquire(timeout=START_TIMEOUT_S)
         assert first_answer.wait(START_TIMEOUT_S)
+        time.sleep(0.1)  # every request has been on the wire for a while
+        signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         runner.join(180)
         assert not runner.is_alive()
         for i, result in enumerate(results):
             assert isinstance(result, np.ndarray), f"request {i}: {result}"
             np.testing.assert_array_equal(result, alone(pipe2, f"in flight {i}", i, steps=4))
+        assert any(t > signalled for t in finished.values()), "every request finished before SIGTERM: none was in flight"
         assert server.stop() == 0
         assert "stopped" in server.log()
     finally:
@@ -477,6 +488,24 @@ def test_stock_tritonserver_serves_export(stock, pipe2):
 
 
 def test_stock_bad_requests_fail_alone_in_their_batch(stock, pipe2):
+    check_bad_requests_fail_alone(stock, pipe2)
+
+
+def test_serve_python_backend_bad_requests_fail_alone(batch2_bundle, pipe2, tmp_path):
+    """`turbo-trt serve --backend python`: the exported repository on PyTriton's tritonserver."""
+    server = Server(serve_argv(batch2_bundle, "--backend", "python", "--max-queue-delay-us", "200000"),
+                    tmp_path / "log.txt")
+    try:
+        server.wait_ready()
+        check_bad_requests_fail_alone(server, pipe2)
+        assert server.stop() == 0
+        assert "ready" in server.log() and "stopped" in server.log()
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def check_bad_requests_fail_alone(stock: Server, pipe2: TurboPipeline) -> None:
     good = [{"prompt": f"good {i}", "seed": i, "steps": 1} for i in range(4)]
     bad = [("", "must not be empty"), (b"\xc3\x28", "UTF-8")]
     expected = [alone(pipe2, **r) for r in good]

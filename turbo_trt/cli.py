@@ -307,16 +307,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
     p.add_argument("--ignore-targets", action="store_true",
                    help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
+    p.add_argument("--backend", choices=["pytriton", "python"], default=d["backend"],
+                   help="pytriton: Triton bound to this process, instances share the engines' weights, a bad "
+                        "request fails the requests Triton batched with it; python: the `export-triton` repository "
+                        "on PyTriton's tritonserver binary, one process per instance, a bad request fails alone")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .runner.serving.pytriton_server import ServeOptions, serve
 
-    serve(ServeOptions(
+    options = ServeOptions(
         engines=args.engines, model_name=args.model_name, address=args.address, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, instances=args.instances, executor=args.executor,
-        max_queue_delay_us=args.max_queue_delay_us, strict_targets=not args.ignore_targets,
-    ), log=lambda message: print(f"turbo-trt serve: {message}", file=sys.stderr, flush=True))
+        max_queue_delay_us=args.max_queue_delay_us, strict_targets=not args.ignore_targets, backend=args.backend,
+    )
+    log = lambda message: print(f"turbo-trt serve: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    if options.backend == "python":
+        from .runner.serving.python_backend_server import serve_python_backend
+
+        serve_python_backend(options, log)
+    else:
+        serve(options, log)
     return 0
 
 

@@ -9,7 +9,7 @@ flight first.
 
 PyTriton answers a dynamic batch as a whole: a request that fails its checks fails the other requests that
 Triton grouped into the same batch (they get an error naming the bad request). The exported repository
-(`export-triton`, Python backend) answers each request on its own.
+(`export-triton`, or `serve --backend python`: Triton's Python backend) answers each request on its own.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class ServeOptions:
     executor: str = "auto"
     max_queue_delay_us: int = 2000
     strict_targets: bool = True
+    backend: str = "pytriton"  # or "python": python_backend_server.py
 
 
 class BatchError(InputError):
@@ -118,8 +119,12 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
     os.environ.update(python_library_env())
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
+        def on_signal(number: int, frame: Any) -> None:
+            stop.set()  # the first signal stops gracefully; a second one gets the default action (exit now)
+            signal.signal(number, signal.SIG_DFL)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda number, frame: stop.set())
+            signal.signal(sig, on_signal)
     config = TritonConfig(
         http_address=options.address, http_port=options.http_port, grpc_address=options.address,
         grpc_port=options.grpc_port, metrics_address=options.address, metrics_port=options.metrics_port,

@@ -32,12 +32,13 @@ class ExportOptions:
     engines: Path
     out: Path
     model_name: str = DEFAULT_MODEL_NAME
-    gpus: Sequence[int] | None = None  # None: the GPUs nvidia-smi lists now; () for CPU instances
+    gpus: Sequence[int] | None = None  # None: the GPUs nvidia-smi lists now (none for onnxruntime); () for CPU
     instances: int = 1  # per GPU (or in all, on the CPU)
     executor: str = "auto"
     max_queue_delay_us: int = 2000
     include_bundle: bool = False
     force: bool = False
+    strict_targets: bool = True  # False: run TensorRT engines on a GPU outside their build targets (a warning)
 
 
 def visible_gpus() -> list[int]:
@@ -65,7 +66,7 @@ def _instance_groups(gpus: Sequence[int], instances: int) -> str:
 
 
 def config_pbtxt(name: str, batch: int, height: int, width: int, gpus: Sequence[int], instances: int,
-                 executor: str, bundle: str, max_queue_delay_us: int) -> str:
+                 executor: str, bundle: str, max_queue_delay_us: int, strict_targets: bool = True) -> str:
     inputs = ",\n".join(_tensor(s) for s in model_inputs(height, width))
     outputs = ",\n".join(_tensor(s) for s in model_outputs(height, width))
     return (
@@ -76,6 +77,7 @@ def config_pbtxt(name: str, batch: int, height: int, width: int, gpus: Sequence[
         f"instance_group [\n{_instance_groups(gpus, instances)}\n]\n"
         f'parameters: {{ key: "bundle" value: {{ string_value: "{bundle}" }} }}\n'
         f'parameters: {{ key: "executor" value: {{ string_value: "{executor}" }} }}\n'
+        f'parameters: {{ key: "strict_targets" value: {{ string_value: "{str(strict_targets).lower()}" }} }}\n'
     )
 
 
@@ -90,7 +92,10 @@ def export_repository(options: ExportOptions) -> Path:
     # The files are checked (sha256) when the model loads; here only what the config needs is read.
     bundle = open_bundle(options.engines, files="engine" if options.executor == "tensorrt" else "onnx", verify=False)
     shapes = bundle.shapes
-    gpus = visible_gpus() if options.gpus is None else list(options.gpus)
+    if options.gpus is not None:
+        gpus = list(options.gpus)
+    else:  # ONNX Runtime's executor runs on the CPU: GPU instance groups would only pin processes to GPUs
+        gpus = [] if options.executor == "onnxruntime" else visible_gpus()
     final = options.out / options.model_name
     if final.exists() and not options.force:
         raise UsageError(f"{final} exists; pass --force to replace it")
@@ -108,7 +113,7 @@ def export_repository(options: ExportOptions) -> Path:
             bundle_param = str(bundle.path.resolve())
         (work / "config.pbtxt").write_text(config_pbtxt(
             options.model_name, int(shapes["batch"]), int(shapes["height"]), int(shapes["width"]), gpus,
-            options.instances, options.executor, bundle_param, options.max_queue_delay_us))
+            options.instances, options.executor, bundle_param, options.max_queue_delay_us, options.strict_targets))
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

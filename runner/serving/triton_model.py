@@ -2,10 +2,11 @@
 `<repository>/<model>/1/model.py`; Triton's Python backend loads it in a stub process per model instance.
 
 Model parameters (config.pbtxt): `bundle` (the bundle directory; a relative path is taken from the model's
-version directory), `executor` (auto, tensorrt, onnxruntime). An instance of kind GPU sees only its own
-GPU (CUDA_VISIBLE_DEVICES is set before anything touches CUDA). `initialize` opens and checks the bundle
-and warms the pipeline up before Triton marks the model ready; a bundle that fails its checks raises, so
-the model never becomes ready and Triton's log says why. Each request is checked on its own and a bad one
+version directory), `executor` (auto, tensorrt, onnxruntime), `strict_targets` (false: run TensorRT engines
+on a GPU outside their build targets, with a warning). An instance of kind GPU runs on its own GPU
+(`_use_device`). `initialize` opens and checks the bundle and warms the pipeline up before Triton marks the
+model ready; a bundle that fails its checks raises, so the model never becomes ready and Triton's log says
+why. Each request is checked on its own and a bad one
 gets its own error response; the others in the batch run.
 """
 
@@ -28,13 +29,28 @@ def _add_site_dirs() -> None:
             site.addsitedir(directory)
 
 
+def _use_device(device: int) -> None:
+    """Run this instance on GPU `device`: hide the others when CUDA is not initialized in this process yet,
+    else (the stub initialized it) make `device` current for this thread, which runs initialize and execute."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+    try:
+        from cuda.bindings import runtime  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    err, count = runtime.cudaGetDeviceCount()
+    if int(err) == 0 and count > 1:  # CUDA started before the variable was set: it sees every GPU
+        (err,) = runtime.cudaSetDevice(device)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaSetDevice({device}) failed: {err}")
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         _add_site_dirs()
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         if args.get("model_instance_kind") == "GPU":
-            os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
+            _use_device(int(args["model_instance_device_id"]))
         bundle = Path(params["bundle"])
         if not bundle.is_absolute():
             bundle = Path(args["model_repository"]) / args["model_version"] / bundle
@@ -48,7 +64,8 @@ class TritonPythonModel:
         self._pb = pb_utils
         name = args.get("model_instance_name", "turbo")
         pb_utils.Logger.log_info(f"{name}: opening {bundle} (checking every file's sha256)")
-        self.pipe = TurboPipeline.from_bundle(bundle, executor=params.get("executor", "auto"))
+        self.pipe = TurboPipeline.from_bundle(bundle, executor=params.get("executor", "auto"),
+                                              strict_targets=params.get("strict_targets", "true") != "false")
         self.facts = ModelFacts.of(self.pipe)
         calls = warm_up(self.pipe)
         pb_utils.Logger.log_info(f"{name}: {self.pipe.executor.name} pipeline warmed up ({calls} calls); ready")

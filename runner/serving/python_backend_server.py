@@ -1,0 +1,86 @@
+"""`turbo-trt serve --backend python`: the exported repository (repository.py) served by the `tritonserver`
+binary that the PyTriton wheel ships, as a child process.
+
+Against the default PyTriton backend: each model instance is a Python-backend process of its own (the
+engines' weights are loaded once per instance, not shared by `fork()`), and every request of a dynamic
+batch gets its own answer, so a bad request fails alone. Readiness comes from Triton: the model's
+`initialize` checks the bundle and warms it up before Triton opens its endpoints. SIGINT/SIGTERM are passed
+on to tritonserver, which answers the requests in flight before it exits.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from turbo_trt.errors import UsageError
+
+from .repository import ExportOptions, export_repository
+from .tritonserver import server_command
+
+if TYPE_CHECKING:
+    from .pytriton_server import ServeOptions
+
+STOP_TIMEOUT_S = 60
+
+
+def _ready(address: str, http_port: int) -> bool:
+    host = "127.0.0.1" if address == "0.0.0.0" else address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def serve_python_backend(options: ServeOptions, log: Callable[[str], None],
+                         stop: threading.Event | None = None) -> None:
+    """Serve until tritonserver exits, `stop` is set, or SIGINT/SIGTERM arrives."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(number: int, frame: Any) -> None:
+            stop.set()
+            signal.signal(number, signal.SIG_DFL)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+    with tempfile.TemporaryDirectory(prefix="turbo-trt-serve-") as tmp:
+        repository = Path(tmp) / "repository"
+        export_repository(ExportOptions(
+            engines=options.engines, out=repository, model_name=options.model_name, instances=options.instances,
+            executor=options.executor, max_queue_delay_us=options.max_queue_delay_us,
+            strict_targets=options.strict_targets,
+        ))
+        argv, env = server_command(repository, options.http_port, options.grpc_port, options.metrics_port,
+                                   options.address)
+        log(f"starting tritonserver on {repository} (Python backend, {options.instances} instance(s) per device)")
+        # Its own session: a terminal's Ctrl-C reaches only this process, which passes on exactly one signal.
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        announced = False
+        try:
+            while proc.poll() is None and not stop.wait(0.5):
+                if not announced and _ready(options.address, options.http_port):
+                    host = "127.0.0.1" if options.address == "0.0.0.0" else options.address
+                    log(f"serving model '{options.model_name}': HTTP {host}:{options.http_port}, gRPC "
+                        f"{host}:{options.grpc_port}, metrics http://{host}:{options.metrics_port}/metrics; ready")
+                    announced = True
+        finally:
+            if proc.poll() is None:
+                log("stopping: finishing requests in flight ...")
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if not stop.is_set():
+            raise UsageError(f"tritonserver exited with status {proc.returncode}"
+                             + ("" if announced else " before the model was ready") + "; see its log above")
+    log("stopped")
