@@ -73,14 +73,13 @@ def prepare_backend_dir(dest: Path) -> Path:
         raise UsageError(f"PyTriton ships no Python backend stub for Python {version}")
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    for item in (server / "backends" / "python").iterdir():
-        if item.is_file() and not (python_dir / item.name).exists():
-            shutil.copy2(item, python_dir / item.name)
-    target = python_dir / "triton_python_backend_stub"
-    if not target.exists():
-        tmp = python_dir / ".stub.tmp"
-        shutil.copy2(stub, tmp)
-        os.replace(tmp, target)
+    files = [item for item in (server / "backends" / "python").iterdir() if item.is_file()] + [stub]
+    for item in files:
+        target = python_dir / item.name
+        if not target.exists():  # copied beside its place and renamed: a concurrent start sees whole files
+            tmp = python_dir / f".{item.name}.{os.getpid()}.tmp"
+            shutil.copy2(item, tmp)
+            os.replace(tmp, target)
     return dest
 
 
