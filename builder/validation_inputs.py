@@ -57,6 +57,7 @@ class ValidationInputs:
         self.prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         self._prediction: np.ndarray | None = None  # the UNet's prediction on the unet feeds
         self._image: np.ndarray | None = None  # uint8 image decoded from the decoder feeds
+        self._embeddings: dict[str, np.ndarray] | None = None
 
     # -- per component --------------------------------------------------------------------------------
     def feeds(self, spec: ComponentSpec) -> dict[str, np.ndarray]:
@@ -90,12 +91,15 @@ class ValidationInputs:
 
     def embeddings(self) -> dict[str, np.ndarray]:
         """The UNet's text inputs, made by the bundle's exported (and already validated) text encoders."""
+        if self._embeddings is not None:
+            return self._embeddings
         out = run_onnx(self.bundle / "onnx" / "text_encoder.onnx", {"input_ids": self.token_ids("text_encoder")})
         feeds = {"prompt_embeds": out["prompt_embeds"]}
         if self.family == "sdxl":
             out2 = run_onnx(self.bundle / "onnx" / "text_encoder_2.onnx",
                             {"input_ids": self.token_ids("text_encoder_2")})
             feeds.update(prompt_embeds_2=out2["prompt_embeds"], text_embeds=out2["text_embeds"])
+        self._embeddings = feeds
         return feeds
 
     # -- chaining ---------------------------------------------------------------------------------------

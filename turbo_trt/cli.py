@@ -229,6 +229,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     source.add_argument("--model", help="build this model first (as `turbo-trt build --model`), then bench it")
     p.add_argument("--random-weights", action="store_true", help="with --model: full-size random weights")
     p.add_argument("--flavor", choices=["tensorrt", "tensorrt-rtx"], default=None, help="with --model: engine flavor")
+    p.add_argument("--vae", default=None, metavar="tiny|ID|DIR", help="with --model: as `turbo-trt build --vae`")
     p.add_argument("--executor", choices=_executors(), default=d["executor"], help=EXECUTOR_HELP)
     p.add_argument("--steps", type=int, default=d["steps"], help="inference steps (1..4)")
     p.add_argument("--iterations", type=int, default=d["iterations"], help="timed images per measurement")
@@ -258,7 +259,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         from .builder.options import BuildOptions
         from .progress import Progress
 
-        engines = build(BuildOptions(model=args.model, random_weights=args.random_weights, flavor=args.flavor),
+        engines = build(BuildOptions(model=args.model, random_weights=args.random_weights, flavor=args.flavor,
+                                     vae=args.vae),
                         Progress()).bundle
     baselines: tuple[str, ...] = () if args.no_baseline else ("diffusers",)
     if args.compile:
