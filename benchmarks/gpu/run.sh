@@ -39,7 +39,7 @@ case $phase in
       python3 -c "import tensorrt_rtx, diffusers, onnxruntime as o, turbo_trt.runner.executors.tensorrt as t; print('ok', tensorrt_rtx.__version__, diffusers.__version__, o.__version__, o.get_available_providers())"
     ;;
   probe)
-    python3 benchmarks/gpu/rtx_probe.py "$OUT/rtx-probe.json" 2>&1 | tail -20
+    python3 -m turbo_trt.benchmarks.rtx_probe "$OUT/rtx-probe.json" 2>&1 | tail -20
     ;;
   tests)
     { nvidia-smi; python3 -c "import json; from turbo_trt.benchmarks.environment import environment as e; print(json.dumps(e()))"

@@ -1,4 +1,4 @@
-"""Does TensorRT-RTX run on this GPU? Run THERE (the GPU machine): `python3 benchmarks/gpu/rtx_probe.py OUT.json`.
+"""Does TensorRT-RTX run on this GPU? Run THERE (the GPU machine): `python3 -m turbo_trt.benchmarks.rtx_probe OUT.json`.
 
 Builds the tiny SD-Turbo bundle twice with TensorRT-RTX on this machine (targets `current`, and the
 portable default that a CPU machine builds), then for each: the engine validity TensorRT-RTX reports,
