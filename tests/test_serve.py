@@ -45,6 +45,7 @@ from .conftest import copy_bundle, quiet_build, tiny_options
 
 START_TIMEOUT_S = 120  # server start on 2 shared cores: import, sha256, sessions, warm-up, Triton
 REQUEST_TIMEOUT_S = 60
+STOP_TIMEOUT_S = 60
 SIZE = 64
 
 
@@ -402,7 +403,8 @@ def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path
             assert isinstance(result, np.ndarray), f"request {i}: {result}"
             np.testing.assert_array_equal(result, alone(pipe2, f"in flight {i}", i, steps=4))
         assert any(t > signalled for t in finished.values()), "every request finished before SIGTERM: none was in flight"
-        assert server.stop() == 0
+        assert server.proc.wait(STOP_TIMEOUT_S) == 0  # the one signal stops it (a second would exit at once)
+        server.stop()
         assert "stopped" in server.log()
     finally:
         if server.proc.poll() is None:
