@@ -370,7 +370,7 @@ def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, p
 
 def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path):
     server = Server(serve_argv(batch2_bundle, "--max-queue-delay-us", "100000"), tmp_path / "log.txt")
-    count = 24
+    count = 32
     try:
         server.wait_ready()
         sending = threading.Semaphore(0)
@@ -394,7 +394,7 @@ def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path
         for _ in range(count):
             assert sending.acquire(timeout=START_TIMEOUT_S)
         assert first_answer.wait(START_TIMEOUT_S)
-        time.sleep(0.1)  # every request has been on the wire for a while
+        time.sleep(0.05)  # every request has been on the wire for a while
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         runner.join(180)
