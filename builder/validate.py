@@ -131,10 +131,10 @@ def max_rel_error(component: str) -> float:
 
 def validate_outputs(
     component: str, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], min_cosine: float,
-    *, precision: str = "fp16", peak_activation: float | None = None, gated: tuple[str, ...] | None = None,
+    *, precision: str = "fp16", peak_activation: float | None = None,
 ) -> dict[str, Any]:
     """Compare each output named in `reference`; raise ValidationError naming the component, the figure and
-    the fix when a gated one fails (`gated`: the outputs that are gated, default all). Returns the figures."""
+    the fix when one fails. Returns the figures."""
     limit = max_rel_error(component)
     fix = fix_hint(component, precision)
     if precision == "fp16" and peak_activation is not None and peak_activation >= FP16_MAX:
@@ -148,8 +148,6 @@ def validate_outputs(
             raise ValidationError(f"{component}.{name}: ONNX shape {got.shape} != PyTorch shape {ref.shape}")
         stats = compare(ref, got)
         figures[name] = stats
-        if gated is not None and name not in gated:
-            continue
         if not stats["finite"]:
             raise ValidationError(
                 f"{component}.{name}: {stats['nonfinite_values']} of {stats['values']} values are NaN/inf in the "

@@ -320,3 +320,29 @@ def test_bench_baseline_uses_the_bundle_vae(sd_tiny_vae):
     bundle, _, _ = sd_tiny_vae
     pipe = _pipeline(read_manifest(bundle), on_gpu=False)
     assert type(pipe.vae).__name__ == "AutoencoderTiny"
+
+
+def test_validation_inputs_are_what_a_real_call_feeds(sd_bundle):
+    """The gate's inputs are the runner's: the prompts' token ids as the bundle's tokenizer makes them, and
+    decoder latents equal to a real 1-step txt2img call's (the bundle's UNet graph with the runner's plan,
+    from the same noise and the exported text encoder's embeddings) within FP16 error."""
+    from turbo_trt.builder.build import vae_scale_factor
+    from turbo_trt.builder.specs import UNET, dims_from_configs
+    from turbo_trt.builder.validate import run_onnx
+    from turbo_trt.builder.validation_inputs import ValidationInputs
+
+    bundle = sd_bundle[0]
+    src = sources.resolve_source("tiny-sd-turbo")
+    configs = sources.part_configs(src)
+    dims = dims_from_configs(configs, 1, 64, 64, vae_scale_factor(configs))
+    inputs = ValidationInputs(sources.load_pipeline(src), "sd", dims, bundle, seed=0)
+    runner = TurboPipeline.from_bundle(bundle, executor="onnxruntime")
+    assert np.array_equal(inputs.token_ids("text_encoder"), runner.token_ids(inputs.prompts)["text_encoder"])
+
+    unet_feeds = inputs.feeds(UNET)
+    plan = runner.plan(1, None)
+    one_step = run_onnx(bundle / "onnx" / "unet.onnx", {
+        **unet_feeds, "timestep": plan.timesteps[:1], "step_coeffs": plan.coeffs[0]})["next_latents"]
+    latents = inputs.decoder_latents()  # from the pipeline's FP32 UNet: no UNet was validated in this stage
+    assert compare(latents, one_step)["rel_error"] < 1e-2
+    assert latents.std() > 0.1  # a UNet output, not zeros
