@@ -284,8 +284,9 @@ def part_configs(src: ResolvedSource) -> dict[str, dict[str, Any]]:
         scheduler["_class_name"] = _read_json(src.local_dir / "model_index.json")["scheduler"][1]
         out["scheduler"] = scheduler
     if src.vae is not None:
+        own = out["vae"]
         out["vae"] = normalized_config(src.vae.config)
-        check_vae_fits(out["vae"], out["unet"], f"--vae {src.vae.argument}")
+        check_vae_fits(out["vae"], out["unet"], f"--vae {src.vae.argument}", own)
     return out
 
 

@@ -192,8 +192,9 @@ def _hub(argument: str, repo_id: str, cache_dir: Path | None) -> VaeChoice:
     return VaeChoice(argument, "hub", repo_id, commit, read_vae_config(folder), folder=folder)
 
 
-def check_vae_fits(config: dict[str, Any], unet: dict[str, Any], where: str) -> None:
-    """The VAE must be one turbo-trt can wrap and must speak the UNet's latent space."""
+def check_vae_fits(config: dict[str, Any], unet: dict[str, Any], where: str, own: dict[str, Any]) -> None:
+    """The VAE must be one turbo-trt can wrap and must speak the UNet's latent space: its latent channels and
+    its down-sampling factor (that of `own`, the pipeline's VAE config) are the ones the UNet was trained on."""
     name = config.get("_class_name", "AutoencoderKL")
     if name not in VAE_CLASSES:
         raise SourceError(f"{where}: the VAE is a {name}; turbo-trt supports {', '.join(VAE_CLASSES)}")
@@ -201,6 +202,11 @@ def check_vae_fits(config: dict[str, Any], unet: dict[str, Any], where: str) -> 
     if latent != int(unet["in_channels"]) or latent != int(unet.get("out_channels", unet["in_channels"])):
         raise SourceError(f"{where}: the VAE has {latent} latent channels, the UNet takes {unet['in_channels']} "
                           "(a VAE of another model family?)")
+    scale = 2 ** (len(normalized_config(config).get("block_out_channels", (0,) * 4)) - 1)
+    own_scale = 2 ** (len(own["block_out_channels"]) - 1)
+    if scale != own_scale:
+        raise SourceError(f"{where}: the VAE down-samples by {scale}, the pipeline's VAE (and so the UNet's "
+                          f"latent grid) by {own_scale}")
     channels = (int(config.get("in_channels", 3)), int(config.get("out_channels", 3)))
     if channels != (3, 3):
         raise SourceError(f"{where}: the VAE maps {channels[0]} -> {channels[1]} image channels; RGB (3) needed")

@@ -239,14 +239,15 @@ def test_peak_activation_beyond_fp16_fails_only_fp16_graphs():
     assert figures["fp32_peak_activation"] == 1e5
 
 
-def _kl_vae_with_latent_channels(directory: Path, channels: int) -> None:
+def _kl_vae(directory: Path, **overrides: object) -> None:
+    """The tiny SD preset's AutoencoderKL with some config fields changed, written by save_pretrained."""
     from diffusers import AutoencoderKL
 
     from turbo_trt.builder.presets import preset_spec
 
     config = preset_spec("tiny-sd-turbo").config("vae")
     config.pop("_class_name")
-    AutoencoderKL(**{**config, "latent_channels": channels}).save_pretrained(directory)
+    AutoencoderKL(**{**config, **overrides}).save_pretrained(directory)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -254,17 +255,21 @@ def _kl_vae_with_latent_channels(directory: Path, channels: int) -> None:
     ("missing-directory", "no such directory"),
     ("directory-without-vae", "holds no VAE"),
     ("wrong-latent-channels", "16 latent channels, the UNet takes 4"),
+    ("wrong-down-sampling", "the VAE down-samples by 4, the pipeline's VAE .* by 8"),
     ("not-a-vae-argument", "expected 'tiny', a hub id"),
 ])
 def test_bad_vae_arguments_fail_before_any_export(case, message, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argument = {"unknown-hub-id": "nobody/no-such-vae", "missing-directory": str(tmp_path / "nowhere"),
                 "directory-without-vae": str(tmp_path / "empty"), "wrong-latent-channels": str(tmp_path / "vae16"),
-                "not-a-vae-argument": "just words"}[case]
+                "wrong-down-sampling": str(tmp_path / "vae-x4"), "not-a-vae-argument": "just words"}[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     if case == "wrong-latent-channels":
-        _kl_vae_with_latent_channels(tmp_path / "vae16", 16)
+        _kl_vae(tmp_path / "vae16", latent_channels=16)
+    if case == "wrong-down-sampling":  # three levels: down-sampling by 4
+        _kl_vae(tmp_path / "vae-x4", block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3,
+                up_block_types=["UpDecoderBlock2D"] * 3)
     bundle = tmp_path / "b"
     with pytest.raises(SourceError, match=message):
         quiet_build(tiny_options("tiny-sd-turbo", bundle, vae=argument))
