@@ -34,32 +34,53 @@ _SHAPE_INPUT_OPS = {"Resize", "Upsample", "Reshape", "Expand", "Tile", "Slice", 
 
 def externalize_weights(graph: Path) -> None:
     """Rewrite `graph` so that every floating-point initializer lives in `<graph name>.data` (64-byte
-    aligned) and everything else (shape constants, which shape inference must read) stays inline."""
+    aligned) and everything else (shape constants, which shape inference must read) stays inline.
+
+    Streams: weights already in external data are copied from the memory-mapped old data file, so only
+    the graph structure is held in memory (not a second copy of a multi-GB UNet)."""
     import os
 
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(graph), load_external_data=True)
+    model = onnx.load(str(graph), load_external_data=False)
     data_name = f"{graph.name}.data"
     float_types = {getattr(onnx.TensorProto, name) for name in _FLOAT_TYPES}
     shape_inputs = {name for node in model.graph.node if node.op_type in _SHAPE_INPUT_OPS for name in node.input[1:]}
     tmp_data = graph.with_name(data_name + ".tmp")
+    sources: dict[str, np.memmap] = {}
+
+    def stored_bytes(init: Any) -> Any:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(init).tobytes()
+        info = {entry.key: entry.value for entry in init.external_data}
+        location = info["location"]
+        if location not in sources:
+            sources[location] = np.memmap(graph.parent / location, dtype=np.uint8, mode="r")
+        offset = int(info.get("offset", 0))
+        return sources[location][offset:offset + int(info["length"])]
+
     with open(tmp_data, "wb") as out:
         for init in model.graph.initializer:
-            if init.data_type not in float_types or init.name in shape_inputs:
+            keep_inline = init.data_type not in float_types or init.name in shape_inputs
+            if keep_inline and init.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            raw = numpy_helper.to_array(init).tobytes()
-            offset = out.tell()
-            out.write(raw)
-            out.write(b"\0" * (-len(raw) % 64))
-            for name in ("raw_data", "float_data", "int32_data", "double_data"):
+            raw = stored_bytes(init)
+            for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
                 init.ClearField(name)
             del init.external_data[:]
+            if keep_inline:  # an external shape constant comes back inline
+                init.data_location = onnx.TensorProto.DEFAULT
+                init.raw_data = bytes(raw)
+                continue
+            offset = out.tell()
+            out.write(memoryview(raw))
+            out.write(b"\0" * (-len(raw) % 64))
             init.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = init.external_data.add()
                 entry.key, entry.value = key, value
+    sources.clear()
     for stale in graph.parent.iterdir():
         if stale.name != graph.name and stale != tmp_data:
             stale.unlink()
