@@ -110,7 +110,7 @@ def _txt2img_parity(bundle: Path, reference, steps: int, prompt: str) -> None:
     _ours_vs_reference(ours, expected)
 
 
-def _img2img_parity(bundle: Path, reference, prompt: str) -> None:
+def _img2img_parity(bundle: Path, reference, prompt: str, posterior: bool = False) -> None:
     import torch
     from diffusers import AutoPipelineForImage2Image
     from PIL import Image
@@ -126,14 +126,19 @@ def _img2img_parity(bundle: Path, reference, prompt: str) -> None:
         prompt, image=init, num_inference_steps=steps, strength=strength, guidance_scale=0.0, output_type="np",
         generator=generator).images
     generator = torch.Generator().manual_seed(11)
-    (latents,) = (t.numpy() for t in _draw(generator, shape, 1))  # no posterior draw with AutoencoderTiny
+    if posterior:  # AutoencoderKL: diffusers draws the posterior sample's noise first
+        sample, latents = (t.numpy() for t in _draw(generator, shape, 2))
+    else:  # AutoencoderTiny: no posterior, no draw; the bundle's encoder ignores sample_noise
+        (latents,) = (t.numpy() for t in _draw(generator, shape, 1))
+        sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     step_noise = [t.numpy() for t in _draw(generator, shape, plan.runs)] if ours_pipe.scheduler["ancestral"] else None
-    ignored = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    noise = Noise(latents=latents, sample=ignored, steps=step_noise)
+    noise = Noise(latents=latents, sample=sample, steps=step_noise)
     ours = ours_pipe.run_with_noise([prompt], plan, noise, check_image(init, size, size, 1))
     _ours_vs_reference(ours, expected)
+    if posterior:
+        return
     # sample_noise really is ignored: other values give the same image, bit for bit.
-    again = ours_pipe.run_with_noise([prompt], plan, Noise(latents=latents, sample=ignored * 5.0, steps=step_noise),
+    again = ours_pipe.run_with_noise([prompt], plan, Noise(latents=latents, sample=sample * 5.0, steps=step_noise),
                                      check_image(init, size, size, 1))
     assert np.array_equal(ours, again)
 
@@ -164,6 +169,26 @@ def test_sdxl_vae_directory_img2img_matches_diffusers(sdxl_dir_vae):
     # The tiny preset's own SDXL VAE asks for FP32 (force_upcast); the replacement's config says FP16.
     assert manifest["components"]["vae_decoder"]["precision"] == "fp16"
     _img2img_parity(bundle, reference, PROMPTS[0])
+
+
+def test_sdxl_fp16_safe_kl_vae_with_per_channel_latents(sdxl_bundle, tmp_path):
+    """An SDXL replacement AutoencoderKL that says it is FP16-safe (force_upcast false, like
+    madebyollin/sdxl-vae-fp16-fix) and carries per-channel latents_mean / latents_std (which SDXL pipelines
+    honour): it runs in FP16, passes the gate, and the bundle matches diffusers with that VAE."""
+    from diffusers import AutoencoderKL
+
+    from turbo_trt.builder.presets import build_part, preset_spec
+
+    vae = build_part(preset_spec("tiny-sdxl-turbo"), "vae")
+    vae.register_to_config(force_upcast=False, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.9, 1.1, 1.3, 0.7])
+    vae.save_pretrained(tmp_path / "kl-fp16")
+    bundle = copy_bundle(sdxl_bundle[0], tmp_path / "b")
+    report = quiet_build(tiny_options("tiny-sdxl-turbo", bundle, vae=str(tmp_path / "kl-fp16"), onnx_only=True))
+    assert report.exported == VAE_COMPONENTS
+    assert read_manifest(bundle)["components"]["vae_decoder"]["precision"] == "fp16"
+    reference = _reference_with_vae("tiny-sdxl-turbo", AutoencoderKL.from_pretrained(tmp_path / "kl-fp16"))
+    _txt2img_parity(bundle, reference, 1, PROMPTS[0])
+    _img2img_parity(bundle, reference, PROMPTS[1], posterior=True)
 
 
 def _overflowing_vae(directory: Path) -> float:
