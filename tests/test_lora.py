@@ -483,3 +483,33 @@ def test_tensorrt_refit_on_gpu(loras, tmp_path):
         _close_to(ours, _images(cpu).astype(np.int32))
     gpu.set_loras({})
     assert np.array_equal(_images(gpu), base)
+
+
+def test_sdxl_swap_with_both_text_encoders_matches_diffusers(tmp_path):
+    """SDXL: a LoRA on the UNet and both text encoders, swapped in at run time, against diffusers'
+    load_lora_weights + fuse_lora; then back to the base bit for bit. One step: SDXL-Turbo's sampler is
+    Euler-ancestral, whose last step adds no noise, so the initial latents are the only randomness."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    lora = _save_lora("tiny-sdxl-turbo", tmp_path / "xl", 4, UNET_TARGETS, TE_TARGETS, rank=2, alpha=4, te2=True)
+    out = tmp_path / "sdxl-refit"
+    quiet_build(tiny_options("tiny-sdxl-turbo", out, onnx_only=True, img2img=False, engine=EngineOptions(refittable=True)))
+    pipe = TurboPipeline.from_bundle(out, executor="onnxruntime")
+    base = _images(pipe, steps=1)
+    pipe.set_loras({lora: 0.7})
+    ours = _images(pipe, steps=1)
+    assert pipe.executor._overrides.keys() == {"unet", "text_encoder", "text_encoder_2"}
+
+    reference = sources.load_pipeline(sources.resolve_source("tiny-sdxl-turbo"))
+    reference.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="xl")
+    reference.fuse_lora(lora_scale=0.7)
+    reference.unload_lora_weights()
+    size = pipe.shapes["height"]
+    expected = AutoPipelineForText2Image.from_pipe(reference)(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(_noise(size).latents.copy()),
+        height=size, width=size, output_type="np").images
+    _close_to(ours, (expected * 255).round().astype(np.int32))
+    assert np.abs(ours.astype(int) - base).mean() > 1.0
+    pipe.set_loras({})
+    assert np.array_equal(_images(pipe, steps=1), base)
