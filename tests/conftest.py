@@ -55,3 +55,22 @@ def write_import_blocker(directory: Path, modules: tuple[str, ...]) -> dict[str,
         "sys.meta_path.insert(0, _Block())\n"
     )
     return {"PYTHONPATH": str(directory), "PATH": "/usr/bin:/bin"}
+
+
+#: Bundle variants that executors' dataflow tests run on: both families, and SD read as Euler-ancestral.
+VARIANTS = ["sd", "sdxl", "sd-ancestral"]
+
+
+def bundle_variant(name: str, sd_bundle: tuple[Path, BuildReport], sdxl_bundle: tuple[Path, BuildReport]):
+    """The opened tiny bundle for a VARIANTS entry; "sd-ancestral" is the SD graphs with the scheduler read
+    as Euler-ancestral (both sides of a comparison get the same plans and step noise)."""
+    import copy
+
+    from turbo_trt.runner.bundle import Bundle, open_bundle
+
+    bundle = open_bundle((sdxl_bundle if name == "sdxl" else sd_bundle)[0], files="onnx")
+    if name == "sd-ancestral":
+        manifest = copy.deepcopy(bundle.manifest)
+        manifest["scheduler"]["ancestral"] = True
+        bundle = Bundle(bundle.path, manifest)
+    return bundle

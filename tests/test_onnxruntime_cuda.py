@@ -12,21 +12,19 @@ import numpy as np
 import pytest
 
 from turbo_trt.errors import ExecutorUnavailable
-from turbo_trt.runner.bundle import open_bundle
 from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
 from turbo_trt.runner.executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor, cuda_unavailable_reason
 from turbo_trt.runner.pipeline import TurboPipeline
 
-from .test_tensorrt_layout import CASES, _ancestral
+from .conftest import VARIANTS, bundle_variant
+from .test_tensorrt_layout import CASES
 
 pytestmark = pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is here: tests/test_gpu.py covers it")
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd-ancestral"])
+@pytest.fixture(scope="module", params=VARIANTS)
 def pair(request, sd_bundle, sdxl_bundle):
-    bundle = open_bundle((sdxl_bundle if request.param == "sdxl" else sd_bundle)[0], files="onnx")
-    if request.param == "sd-ancestral":
-        bundle = _ancestral(bundle)
+    bundle = bundle_variant(request.param, sd_bundle, sdxl_bundle)
     reference = OnnxRuntimeExecutor(bundle, cache_size=0)
     ours = OnnxRuntimeCudaExecutor(bundle, cache_size=2, device="cpu", sessions=reference.sessions)
     return TurboPipeline(bundle, reference), TurboPipeline(bundle, ours)

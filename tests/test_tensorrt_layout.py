@@ -10,17 +10,17 @@ executor's bit for bit: any wrong binding, step position, plan row, cache copy o
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
 from turbo_trt.io_contract import manifest_io
-from turbo_trt.runner.bundle import Bundle, open_bundle
+from turbo_trt.runner.bundle import Bundle
 from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
 from turbo_trt.runner.executors.tensorrt_layout import ALIGN, Layout, plan_row, unet_context
 from turbo_trt.runner.inputs import latent_shape, make_noise
 from turbo_trt.runner.pipeline import TurboPipeline
+
+from .conftest import VARIANTS, bundle_variant
 
 
 class _Buffer:
@@ -98,18 +98,9 @@ class ArenaReplay:
         return self.layout.image.array.copy(), int(self.layout.nonfinite.array[0])
 
 
-def _ancestral(bundle: Bundle) -> Bundle:
-    """The same graphs with the scheduler read as Euler-ancestral (both sides get the same plans)."""
-    manifest = copy.deepcopy(bundle.manifest)
-    manifest["scheduler"]["ancestral"] = True
-    return Bundle(bundle.path, manifest)
-
-
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd-ancestral"])
+@pytest.fixture(scope="module", params=VARIANTS)
 def setup(request, sd_bundle, sdxl_bundle):
-    bundle = open_bundle((sdxl_bundle if request.param == "sdxl" else sd_bundle)[0], files="onnx")
-    if request.param == "sd-ancestral":
-        bundle = _ancestral(bundle)
+    bundle = bundle_variant(request.param, sd_bundle, sdxl_bundle)
     reference = OnnxRuntimeExecutor(bundle, cache_size=0)
     replay = ArenaReplay(bundle, reference.sessions)
     return TurboPipeline(bundle, reference), replay
