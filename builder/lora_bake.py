@@ -23,6 +23,7 @@ from turbo_trt.runner.lora import (
     LoraError,
     LoraLayer,
     canonical_module,
+    check_scale,
     load_lora,
     lora_parts,
     merged_weight,
@@ -68,6 +69,7 @@ def resolve_baked_loras(loras: tuple[tuple[str, float], ...]) -> list[dict[str, 
     """The manifest's record of each LoRA to bake: source, resolved file, sha256, scale, parts touched."""
     out = []
     for source, scale in loras:
+        scale = check_scale(scale, source)
         path = resolve_lora(source)
         out.append({"source": source, "file": str(path), "sha256": sha256_of(path), "scale": float(scale),
                     "parts": lora_parts(path)})

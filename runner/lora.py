@@ -10,9 +10,11 @@ kernel). Two key styles are read, for the UNet and the text encoder(s):
   `<module>.alpha` tensor, else alpha = rank (what diffusers assumes).
 - kohya (sd-scripts): `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
   `lora_te_` (SD) or `lora_te1_` / `lora_te2_` (SDXL). The UNet names may be diffusers' (`down_blocks_0_
-  attentions_0_...`) or the original SD checkpoint's (`input_blocks_4_1_...`, `middle_block_1_...`,
-  `output_blocks_3_1_...`) for the attention blocks; underscores are resolved against the model's real
-  module names, never guessed.
+  attentions_0_...`) or the original SD checkpoint's (kohya's SDXL naming: `input_blocks_4_1_...`,
+  `middle_block_1_...`, `output_blocks_3_1_...` for the attention blocks, `input_blocks_1_0_in_layers_2`,
+  `..._emb_layers_1`, `..._out_layers_3`, `..._skip_connection` for ResNet blocks, `input_blocks_3_0_op` /
+  `output_blocks_2_2_conv` for down/up-samplers, `input_blocks_0_0`, `out_2`, `time_embed_0/2`,
+  `label_emb_0_0/2`); underscores are resolved against the model's real module names, never guessed.
 
 Module paths are relative to the diffusers part (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
 `encoder.layers.0.self_attn.q_proj`); a text encoder's `text_model.` prefix (transformers 4) is dropped so
@@ -29,6 +31,8 @@ import json
 import os
 import re
 import struct
+import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,10 @@ ModuleShapes = Mapping[str, Mapping[str, tuple[int, ...]]]
 
 class LoraError(InputError):
     """A LoRA that cannot be applied: unreadable, for another model, unknown keys or mismatched shapes."""
+
+
+class LoraWarning(UserWarning):
+    """A LoRA names modules whose weights the exported graph does not hold (so they change nothing)."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +95,24 @@ class LoraFile:
 
 
 def parse_lora_argument(text: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` -> (path, scale); scale defaults to 1.0. Only a trailing `:number` is a scale."""
+    """`PATH[:SCALE]` -> (path, scale); scale defaults to 1.0. Only a trailing `:number` is a scale; a
+    non-finite one (nan, inf) is refused."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        return head, check_scale(scale, head)
     return text, 1.0
+
+
+def check_scale(scale: object, source: object) -> float:
+    """A LoRA's scale as a float; LoraError unless it is a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(scale):
+        raise LoraError(f"LoRA {source}: scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def sha256_of(path: Path) -> str:
@@ -123,11 +141,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
     tensors: dict[str, np.ndarray] = {}
     for key, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
+        if not isinstance(info, dict):
+            raise LoraError(f"{path} is not a safetensors file (header entry {key} is not an object)")
+        dtype = _DTYPES.get(str(info.get("dtype")))
         if dtype is None:
             raise LoraError(f"{path}: tensor {key} has dtype {info.get('dtype')}; LoRA tensors must be F16, BF16, F32 or F64")
-        start, end = info["data_offsets"]
-        array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            if not 0 <= start <= end <= len(body):
+                raise ValueError(f"data offsets {start}..{end} outside the {len(body)}-byte data section")
+            array = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoraError(f"{path}: tensor {key} is damaged or not a safetensors entry ({exc})") from exc
         if info["dtype"] == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
         tensors[key] = array
@@ -173,20 +199,58 @@ def _layers_per_block(unet_modules: Mapping[str, object]) -> int:
     return max(found) + 1 if found else 2
 
 
+#: Original-checkpoint ResBlock layers -> diffusers' ResnetBlock2D (the norms are no Linear / Conv).
+_LDM_RESNET = {"in_layers_2": "conv1", "emb_layers_1": "time_emb_proj", "out_layers_3": "conv2",
+               "skip_connection": "conv_shortcut"}
+#: Original-checkpoint top-level layers -> diffusers'.
+_LDM_TOP = {"input_blocks_0_0": "conv_in", "time_embed_0": "time_embedding_linear_1",
+            "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+            "label_emb_0_2": "add_embedding_linear_2", "out_2": "conv_out"}
+#: Prefixes of the original checkpoint's UNet naming.
+_LDM_PREFIXES = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+
+
+def _ldm_resnet(sub: str) -> str | None:
+    return _LDM_RESNET.get(sub)
+
+
 def _ldm_to_diffusers(name: str, layers: int) -> str:
-    """Original SD checkpoint names of the UNet's attention blocks -> diffusers' (underscored). Each level
-    has `layers` + 1 input blocks (the last one down-samples) and `layers` + 1 output blocks."""
-    m = re.match(r"input_blocks_(\d+)_1_(.*)", name)
+    """Original SD checkpoint names of the UNet (kohya's SDXL naming) -> diffusers' (underscored): attention
+    blocks, ResNet blocks, down/up-samplers, conv_in/conv_out and the time/label embeddings. Each level has
+    `layers` + 1 input blocks (the last one down-samples) and `layers` + 1 output blocks (the last one
+    up-samples). A name that matches none of these is returned unchanged (and then fails the lookup)."""
+    for ldm, diffusers in _LDM_TOP.items():
+        if name == ldm:
+            return diffusers
+    m = re.match(r"input_blocks_(\d+)_(\d+)_(.*)", name)
     if m:
-        n = int(m.group(1))
-        return f"down_blocks_{(n - 1) // (layers + 1)}_attentions_{(n - 1) % (layers + 1)}_{m.group(2)}"
-    m = re.match(r"output_blocks_(\d+)_1_(.*)", name)
+        n, kind, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        level, index = (n - 1) // (layers + 1), (n - 1) % (layers + 1)
+        if kind == 1:
+            return f"down_blocks_{level}_attentions_{index}_{rest}"
+        if kind == 0 and rest == "op" and index == layers:
+            return f"down_blocks_{level}_downsamplers_0_conv"
+        if kind == 0 and _ldm_resnet(rest):
+            return f"down_blocks_{level}_resnets_{index}_{_ldm_resnet(rest)}"
+        return name
+    m = re.match(r"output_blocks_(\d+)_(\d+)_(.*)", name)
     if m:
-        n = int(m.group(1))
-        return f"up_blocks_{n // (layers + 1)}_attentions_{n % (layers + 1)}_{m.group(2)}"
-    m = re.match(r"middle_block_1_(.*)", name)
+        n, kind, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        level, index = n // (layers + 1), n % (layers + 1)
+        if kind in (1, 2) and rest == "conv":  # the up-sampler: block 2 after an attention, else block 1
+            return f"up_blocks_{level}_upsamplers_0_conv"
+        if kind == 1:
+            return f"up_blocks_{level}_attentions_{index}_{rest}"
+        if kind == 0 and _ldm_resnet(rest):
+            return f"up_blocks_{level}_resnets_{index}_{_ldm_resnet(rest)}"
+        return name
+    m = re.match(r"middle_block_(\d+)_(.*)", name)
     if m:
-        return f"mid_block_attentions_0_{m.group(1)}"
+        kind, rest = int(m.group(1)), m.group(2)
+        if kind == 1:
+            return f"mid_block_attentions_0_{rest}"
+        if kind in (0, 2) and _ldm_resnet(rest):
+            return f"mid_block_resnets_{kind // 2}_{_ldm_resnet(rest)}"
     return name
 
 
@@ -209,6 +273,13 @@ def _resolve(name: str, style: str, family: str, modules: ModuleShapes, key: str
             flat = flat.removeprefix("text_model_")
         table = tables.get(part, {})
         if flat not in table:
+            original = name[len(prefix):]
+            if part == "unet" and original.startswith(_LDM_PREFIXES) and flat == original:
+                raise LoraError(
+                    f"{path}: key {key}: {original!r} is in the original SD checkpoint's UNet naming, and no layer "
+                    "of that naming this reader maps (attention blocks, ResNet in_layers_2 / emb_layers_1 / "
+                    "out_layers_3 / skip_connection, down/up-sampler convolutions, conv_in, conv_out, time_embed, "
+                    "label_emb) has this name; convert the LoRA to diffusers naming")
             raise LoraError(f"{path}: key {key}: no module of the {part} is named {flat!r} "
                             f"(kohya naming); is this LoRA for another model?")
         return part, table[flat]
@@ -251,8 +322,15 @@ def _alpha_for(part: str, module: str, rank: int, explicit: float | None, peft: 
     info = peft.get(part, {})
     pattern = info.get("alpha_pattern") or {}
     if isinstance(pattern, dict):
+        # PEFT names a text encoder's modules as the model does (`text_model.encoder...` in transformers 4);
+        # ours drop `text_model.`: a pattern may be written against either name.
+        names = [module] + ([f"text_model.{module}"] if part.startswith("text_encoder") else [])
         for regex, alpha in pattern.items():
-            if re.fullmatch(rf"(.*\.)?{regex}", module):
+            try:
+                compiled = re.compile(rf"(.*\.)?(?:{regex})")
+            except re.error as exc:
+                raise LoraError(f"{part} alpha_pattern {regex!r} is not a regular expression ({exc})") from exc
+            if any(compiled.fullmatch(name) for name in names):
                 return float(alpha)
     alpha = info.get("lora_alpha")
     return float(alpha) if isinstance(alpha, (int, float)) else float(rank)
@@ -364,7 +442,18 @@ def _to_graph_layout(weight: np.ndarray, layout: str) -> np.ndarray:
 
 class BundleLoras:
     """Run-time LoRAs of one refittable bundle: the export-time weight maps, the kept base values of the
-    weights touched so far, and the set applied now. `plan` computes what an executor must change."""
+    weights touched so far, and the set applied now. `plan` computes what an executor must change.
+    `lock` serializes swaps of every pipeline sharing this state (a pipeline and its forks)."""
+
+    _creating = threading.Lock()
+
+    @classmethod
+    def shared(cls, holder: list[BundleLoras], path: Path, manifest: Mapping[str, object]) -> BundleLoras:
+        """The state in `holder` (a list shared by a pipeline and its forks), created there on first use."""
+        with cls._creating:
+            if not holder:
+                holder.append(cls(path, manifest))
+            return holder[0]
 
     def __init__(self, path: Path, manifest: Mapping[str, object]) -> None:
         lora_info = manifest.get("lora") or {}
@@ -388,6 +477,7 @@ class BundleLoras:
         # modules whose weights may be half-changed, sent again in full by the next plan.
         self._pending: dict[tuple[str, str], list[tuple[float, LoraLayer]]] | None = None
         self._dirty: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()
 
     def _read_map(self, component: str, entry: Mapping[str, object]) -> dict[str, object]:
         rel = f"onnx/{weight_map_name(component)}"
@@ -462,9 +552,9 @@ class BundleLoras:
         """Read and check every LoRA (nothing is changed on error); (part, module) -> [(scale, layer)]."""
         shapes = self.module_shapes()
         wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]] = {}
+        absent: dict[str, list[str]] = {}
         for source, scale in loras.items():
-            if not isinstance(scale, (int, float)) or not np.isfinite(scale):
-                raise LoraError(f"LoRA {source}: scale must be a finite number, got {scale!r}")
+            scale = check_scale(scale, source)
             lora = load_lora(Path(source), self.family, shapes)
             for (part, module), layer in lora.layers.items():
                 info = self.maps[part]["modules"][module]  # type: ignore[index]
@@ -472,8 +562,17 @@ class BundleLoras:
                     raise LoraError(f"{source}: {part} module {module} cannot be refitted ({info['unmapped']}); "
                                     "bake this LoRA in with `turbo-trt build --lora` instead")
                 if not info["targets"]:
-                    continue  # the exporter pruned the module (unused by the graph): no effect on images
+                    absent.setdefault(str(source), []).append(f"{part} {module}")
+                    continue
                 wanted.setdefault((part, module), []).append((float(scale), layer))
+        for source, names in absent.items():
+            warnings.warn(
+                f"LoRA {source}: {len(names)} module(s) have no weight in the exported graph and are not applied: "
+                f"{', '.join(names)}. The exporter found no initializer holding their base weight: usually it "
+                "pruned them as unused by the graph (e.g. a text encoder layer after the hidden state the model "
+                "reads), and then they change no image (a baked-in bundle skips them too); if they are used, this "
+                "bundle cannot swap them: bake the LoRA in with `turbo-trt build --lora`.",
+                LoraWarning, stacklevel=3)
         return wanted
 
     def plan(self, wanted: dict[tuple[str, str], list[tuple[float, LoraLayer]]]) -> Updates:

@@ -153,23 +153,23 @@ class TurboPipeline:
         keys, mismatched shapes raise LoraError naming the key, and nothing changes); then merged weights
         are computed from the kept base values for exactly the graph weights that change, and the executor
         refits its engines (TensorRT) or re-creates the touched sessions (ONNX Runtime). Any sequence of
-        calls gives the same images as the last set applied once. Forks share the weights."""
+        calls gives the same images as the last set applied once. Forks share the weights, and concurrent calls
+        on a pipeline and its forks apply one set after the other (an image never runs on a mix of two sets)."""
         import time
 
-        from .lora import BundleLoras
+        from .lora import BundleLoras, LoraError
 
-        with self._lock:
-            if not self._lora_state:
-                self._lora_state.append(BundleLoras(self.bundle.path, self.bundle.manifest))
-            state = self._lora_state[0]
+        set_weights = getattr(self.executor, "set_weights", None)
+        if set_weights is None:  # before any LoRA is read or merged
+            raise LoraError(f"the {self.executor.name} executor cannot change weights at run time; use the "
+                            "tensorrt or onnxruntime executor, or bake the LoRA in with `turbo-trt build --lora`")
+        state = BundleLoras.shared(self._lora_state, self.bundle.path, self.bundle.manifest)
+        # One lock for this pipeline and all its forks, held from reading the LoRAs to the commit: two
+        # concurrent calls cannot interleave their plans and leave some weights from the other's set.
+        with state.lock:
             start = time.perf_counter()
             wanted = state.load(loras)
             updates = state.plan(wanted)
-            set_weights = getattr(self.executor, "set_weights", None)
-            if set_weights is None:
-                from .lora import LoraError
-
-                raise LoraError(f"the {self.executor.name} executor cannot change weights at run time")
             count = sum(len(v) for v in updates.values())
             if time.perf_counter() - start > 1.0 or count > 50:
                 print(f"turbo-trt: applying LoRAs: {count} weights in {', '.join(sorted(updates)) or 'none'} ...",

@@ -6,7 +6,9 @@ Run-time LoRAs (`set_weights`): the sessions of the components whose weights cha
 with the merged weights as overrides of the graph's external-data initializers
 (`SessionOptions.add_external_initializers`; refittable graphs keep every weight in external data);
 initializers without an override come from the graph's files, so dropping every override restores the
-base bit for bit.
+base bit for bit. A readers-writer lock shared by every fork keeps one image on one set of weights: images
+take it shared, a swap exclusive (so no image runs its UNet on the new weights after encoding its prompt with
+the old ones).
 `create_sessions` is the one session factory, for other ONNX Runtime executors too.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from ..bundle import EMBEDDING_FEEDS, Bundle
 from ..inputs import Noise
+from ..rwlock import ReadWriteLock
 from ..schedule import Plan
 from .base import Executor, Timings
 
@@ -41,6 +44,7 @@ class OnnxRuntimeExecutor(Executor):
         # reads the buffers it is given, it does not copy them).
         self._overrides: dict[str, dict[str, np.ndarray]] = {}
         self._weights_version = [0]  # shared with forks: part of the prompt cache's key
+        self._use_lock = ReadWriteLock()  # shared with forks: images shared, weight swaps exclusive
         self._slots: dict[int, dict[str, np.ndarray]] = {}
         lat = bundle.manifest["shapes"]
         self._zeros = np.zeros((lat["batch"], lat["latent_channels"], lat["latent_height"], lat["latent_width"]),
@@ -60,6 +64,7 @@ class OnnxRuntimeExecutor(Executor):
         twin = OnnxRuntimeExecutor(self.bundle, self.cache_size, self.sessions, self._threads)
         twin._overrides = self._overrides
         twin._weights_version = self._weights_version
+        twin._use_lock = self._use_lock
         return twin
 
     def set_weights(self, updates: Mapping[str, Mapping[str, np.ndarray | None]],
@@ -79,11 +84,12 @@ class OnnxRuntimeExecutor(Executor):
             fresh[component] = create_sessions(self.bundle, [component], ["CPUExecutionProvider"],
                                                self._session_options, {component: current})[component]
             overrides[component] = current
-        for component, session in fresh.items():
-            self.sessions[component] = session
-            self._overrides[component] = overrides[component]
-        if any(component in self.bundle.encoders for component in fresh):
-            self._weights_version[0] += 1  # cached prompt embeddings came from the old text encoder weights
+        with self._use_lock.exclusive():  # no image is between its first and last session run
+            for component, session in fresh.items():
+                self.sessions[component] = session
+                self._overrides[component] = overrides[component]
+            if any(component in self.bundle.encoders for component in fresh):
+                self._weights_version[0] += 1  # cached prompt embeddings came from the old text encoder weights
 
     def _run(self, name: str, feeds: dict[str, np.ndarray], timings: Timings | None = None,
              label: str | None = None) -> dict[str, np.ndarray]:
@@ -132,12 +138,14 @@ class OnnxRuntimeExecutor(Executor):
 
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
             image: np.ndarray | None) -> tuple[np.ndarray, int]:
-        return self._denoise_and_decode(plan, noise, image, self._embeddings(ids), None)
+        with self._use_lock.shared():
+            return self._denoise_and_decode(plan, noise, image, self._embeddings(ids), None)
 
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
                      image: np.ndarray | None) -> Timings:
         timings: Timings = []
-        self._denoise_and_decode(plan, noise, image, self._encode(ids, timings), timings)
+        with self._use_lock.shared():
+            self._denoise_and_decode(plan, noise, image, self._encode(ids, timings), timings)
         return timings
 
 
