@@ -240,10 +240,15 @@ def export_stage(
         fingerprints = dict(stale)
         specs = [spec_by_name(name) for name, _ in stale]
         # A stale entry no longer describes what the bundle is built from (say --vae changed): the manifest
-        # stops claiming it until its new graph has passed validation.
-        for name in fingerprints:
-            manifest["components"].pop(name, None)
+        # stops claiming it until its new graph has passed validation, and its files (graph, external data,
+        # engine) go, so a failed rebuild leaves no old component under a final name.
+        dropped = [manifest["components"].pop(name, None) for name in fingerprints]
         write_manifest(bundle, manifest)
+        for old_entry in filter(None, dropped):
+            for rel in [*old_entry.get("onnx_files", []), *old_entry.get("engine_files", [])]:
+                path = bundle / rel
+                if path.resolve().is_relative_to(bundle.resolve()):
+                    path.unlink(missing_ok=True)
         for spec, entry in export_and_validate(pipe, src.family, dims, specs, bundle, opts, vocab_sizes(configs),
                                                progress):
             entry["onnx_fingerprint"] = fingerprints[spec.name]
@@ -289,7 +294,10 @@ def _manifest_head(
         "scheduler": _scheduler(configs, parts, old),
         "vae": {
             "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),
-            "force_upcast": bool(vae.get("force_upcast", False)),
+            # As honoured (components.precision_of): SD pipelines never upcast, whatever the config says.
+            "force_upcast": src.family == "sdxl" and bool(vae.get("force_upcast", False)),
+            "precision": "fp32" if opts.vae_fp32 or (src.family == "sdxl" and bool(vae.get("force_upcast", False)))
+            else "fp16",
             "source": src.vae_record(parts["vae"], vae),
         },
         "tokenizers": old.get("tokenizers", {}),

@@ -24,7 +24,7 @@ from turbo_trt.errors import SourceError
 
 from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
 from .tiny_tokenizer import tiny_tokenizer_fingerprint, write_tiny_clip_tokenizer
-from .vae import VaeChoice, check_vae_fits, normalized_config, resolve_vae
+from .vae import HUB_ID, VaeChoice, check_vae_fits, normalized_config, resolve_vae
 
 ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
 PRESETS = ("tiny-sd-turbo", "tiny-sdxl-turbo")
@@ -35,7 +35,6 @@ OFFLINE_HINT = (
     "Without network access these work offline: --random-weights with sd-turbo or sdxl-turbo, a tiny preset "
     f"({', '.join(PRESETS)}) or a local diffusers pipeline directory."
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_EXT = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".pb", ".h5")
 _SHARD = r"(-\d{5}-of-\d{5})?"
 # A part folder counts as present when it holds one of these (default: config.json).
@@ -135,7 +134,7 @@ def _resolve_model(
         return ResolvedSource(model, "local", str(path), None, inspect_pipeline_dir(path), path)
     if model.startswith((".", "/", "~")):
         raise SourceError(f"no such directory: {model}")
-    if not _HUB_ID.match(repo_id):
+    if not HUB_ID.match(repo_id):
         raise SourceError(
             f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), an alias "
             f"({', '.join(f'{k} = {v}' for k, v in ALIASES.items())}), an existing directory or a hub id "

@@ -28,7 +28,7 @@ from turbo_trt.errors import SourceError
 TINY = "tiny"
 TINY_REPOS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a hub repo id: owner/name
 #: diffusers' weight file names for a single model folder.
 _WEIGHTS = re.compile(r"diffusion_pytorch_model.*\.(safetensors|bin)$|diffusion_pytorch_model.*\.index(\.\w+)?\.json$")
 
@@ -119,7 +119,7 @@ def resolve_vae(argument: str, source_kind: str, family: str, seed: int | None,
         return _local(argument, path)
     if argument.startswith((".", "/", "~")):
         raise SourceError(f"--vae: no such directory: {argument}")
-    if not _HUB_ID.match(argument):
+    if not HUB_ID.match(argument):
         raise SourceError(f"--vae {argument!r}: expected 'tiny', a hub id of the form owner/name or a local "
                           "directory holding an AutoencoderKL or AutoencoderTiny (save_pretrained)")
     return _hub(argument, argument, cache_dir)
@@ -210,6 +210,13 @@ def check_vae_fits(config: dict[str, Any], unet: dict[str, Any], where: str, own
     channels = (int(config.get("in_channels", 3)), int(config.get("out_channels", 3)))
     if channels != (3, 3):
         raise SourceError(f"{where}: the VAE maps {channels[0]} -> {channels[1]} image channels; RGB (3) needed")
+    # diffusers' SD / SDXL pipelines never apply a VAE's shift_factor (only SD3 / Flux pipelines do): with a
+    # non-zero shift the bundle would either differ from diffusers with the same VAE or decode wrongly.
+    shift = config.get("shift_factor")
+    if shift is not None and float(shift) != 0.0:
+        raise SourceError(f"{where}: the VAE's config has shift_factor {shift}; the SD / SDXL pipelines ignore "
+                          "shift_factor (it belongs to SD3 / Flux VAEs), so this VAE does not fit this pipeline's "
+                          "latent space; use a VAE with shift_factor 0 or null")
 
 
 def normalized_config(config: dict[str, Any]) -> dict[str, Any]:

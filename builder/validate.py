@@ -146,13 +146,20 @@ def validate_outputs(
         got = candidate[name]
         if got.shape != ref.shape:
             raise ValidationError(f"{component}.{name}: ONNX shape {got.shape} != PyTorch shape {ref.shape}")
+        if not bool(np.isfinite(ref).all()):
+            bad = int((~np.isfinite(ref)).sum())
+            raise ValidationError(
+                f"{component}.{name}: {bad} of {ref.size} values of the FP32 PyTorch reference itself are NaN/inf "
+                "on the validation inputs: broken weights (NaN/inf in the checkpoint?), not an export or FP16 "
+                "problem; check the model files.")
         stats = compare(ref, got)
         figures[name] = stats
         if not stats["finite"]:
             raise ValidationError(
                 f"{component}.{name}: {stats['nonfinite_values']} of {stats['values']} values are NaN/inf in the "
                 f"{precision.upper()} ONNX graph (FP32 PyTorch: none) on the validation inputs. {fix}")
-        if stats["cosine"] < min_cosine or stats["rel_error"] > limit:
+        # Written as "not (within the limit)" so a NaN figure fails instead of slipping through.
+        if not (stats["cosine"] >= min_cosine) or not (stats["rel_error"] <= limit):
             raise ValidationError(
                 f"{component}.{name}: relative error {stats['rel_error']:.4g} (limit {limit}), centred cosine "
                 f"{stats['cosine']:.6f} (limit {min_cosine}) against the FP32 PyTorch reference "

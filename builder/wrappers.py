@@ -95,9 +95,10 @@ class UNetStepGraph(nn.Module):
 
 class _VaeGraph(nn.Module):
     """Holds the VAE and its latent conventions, honoured as the family's diffusers pipelines do:
-    `scaling_factor`, an optional `shift_factor`, and for SDXL per-channel `latents_mean` / `latents_std`
-    when the config has both. `AutoencoderTiny` (TAESD) has scaling 1 and no shift; its latent_magnitude /
-    latent_shift only serve its own 8-bit latent round trip (`forward`), which the pipelines never use."""
+    `scaling_factor`, and for SDXL per-channel `latents_mean` / `latents_std` when the config has both.
+    `shift_factor` is ignored, as the SD / SDXL pipelines ignore it (a replacement VAE with a non-zero one is
+    rejected before export: vae.check_vae_fits). `AutoencoderTiny` (TAESD) has scaling 1 and no shift; its
+    latent_magnitude / latent_shift only serve its own 8-bit latent round trip (`forward`), which the pipelines never use."""
 
     latents_mean: torch.Tensor
     latents_std: torch.Tensor
@@ -107,8 +108,6 @@ class _VaeGraph(nn.Module):
         self.vae: Any = vae
         self.tiny = type(vae).__name__ == "AutoencoderTiny"
         self.scaling = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None)
-        self.shift = float(shift) if shift is not None else 0.0
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         self.per_channel = family == "sdxl" and mean is not None and std is not None
         if self.per_channel:
@@ -119,7 +118,7 @@ class _VaeGraph(nn.Module):
 
 class VaeDecodeGraph(_VaeGraph):
     """FP32 latents -> uint8 NHWC RGB, exactly as the pipeline's decode + `output_type="pil"` path:
-    `decode(latents / scaling_factor [+ shift])` (SDXL with latents_mean/std: `latents * std / scaling +
+    `decode(latents / scaling_factor)` (SDXL with latents_mean/std: `latents * std / scaling +
     mean`), then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded (half to even, like numpy). Transposes happen in
     float: TensorRT has no uint8 Transpose. A second output counts the non-finite decoded values, so NaN/inf
     can be reported instead of cast to black; the validation gate compares the float image that count
@@ -133,7 +132,7 @@ class VaeDecodeGraph(_VaeGraph):
         if self.per_channel:
             z = latents * self.latents_std / self.scaling + self.latents_mean
         else:
-            z = latents / self.scaling + self.shift
+            z = latents / self.scaling
         decoded = self.vae.decode(z.to(_dtype_of(self.vae)), return_dict=False)[0].to(torch.float32)
         if self.keep_float:
             self.last_float = decoded.detach()
@@ -167,7 +166,7 @@ class VaeEncodeGraph(_VaeGraph):
         if self.per_channel:
             init = (sample - self.latents_mean) * self.scaling / self.latents_std
         else:
-            init = (sample - self.shift) * self.scaling
+            init = sample * self.scaling
         return init + noise_sigma * latent_noise
 
 

@@ -16,6 +16,7 @@ runner an arbitrary array there.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,22 @@ def test_changing_vae_rebuilds_only_the_vae(sd_bundle, sd_tiny_vae):
         gated = validation["outputs"]["decoded" if name == "vae_decoder" else "latents"]
         assert gated["rel_error"] <= MAX_REL_ERROR[name]
     assert quiet_build(tiny_options("tiny-sd-turbo", bundle, vae="tiny")).up_to_date
+
+
+def test_switching_only_vae_fp32_re_exports_only_the_vae(sd_bundle, tmp_path):
+    """--vae-fp32 on a bundle that built fine in FP16 re-exports (and re-compiles) the VAE components alone,
+    now in FP32, and the manifest records the precision used."""
+    bundle = copy_bundle(sd_bundle[0], tmp_path / "b")
+    report = quiet_build(tiny_options("tiny-sd-turbo", bundle, vae_fp32=True))
+    assert report.exported == VAE_COMPONENTS and report.engines_built == VAE_COMPONENTS
+    before, after = read_manifest(sd_bundle[0]), read_manifest(bundle)
+    assert before["vae"]["precision"] == "fp16" and after["vae"]["precision"] == "fp32"
+    assert before["vae"]["force_upcast"] is False  # the SD preset's config says True; SD pipelines never upcast
+    for name in ("text_encoder", "unet"):
+        assert after["components"][name]["onnx_sha256"] == before["components"][name]["onnx_sha256"]
+        assert after["components"][name]["engine_sha256"] == before["components"][name]["engine_sha256"]
+    for name in VAE_COMPONENTS:
+        assert before["components"][name]["precision"] == "fp16" and after["components"][name]["precision"] == "fp32"
 
 
 def _txt2img_parity(bundle: Path, reference, steps: int, prompt: str) -> None:
@@ -226,6 +243,8 @@ def test_a_vae_that_overflows_fp16_fails_the_build(sdxl_bundle, tmp_path):
     # from the old VAE), no temporaries are left, and the other components are untouched.
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert sorted(manifest["components"]) == ["text_encoder", "text_encoder_2", "unet"]
+    old_files = [f for name in VAE_COMPONENTS for f in read_manifest(sdxl_bundle[0])["components"][name]["onnx_files"]]
+    assert old_files and [f for f in old_files if (bundle / f).exists()] == []  # the old VAE's graphs are gone
     assert [p.name for p in bundle.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".vae")] == []
     assert manifest["model"]["parts"]["vae"] == manifest["vae"]["source"]["fingerprint"]
 
@@ -264,6 +283,19 @@ def test_peak_activation_beyond_fp16_fails_only_fp16_graphs():
     assert figures["fp32_peak_activation"] == 1e5
 
 
+def test_a_nan_reference_fails_the_gate():
+    """NaN/inf in the FP32 reference itself (broken weights) fails, whatever the ONNX graph gives; and a NaN
+    figure can never pass a comparison (the checks are written "not within the limit")."""
+    ref = np.linspace(-1, 1, 50, dtype=np.float32)
+    broken = ref.copy()
+    broken[7] = np.nan
+    for candidate in (ref, broken):
+        with pytest.raises(ValidationError, match=r"vae_decoder.x: 1 of 50 values of the FP32 PyTorch reference "
+                                                  r"itself are NaN/inf.*broken weights"):
+            validate_outputs("vae_decoder", {"x": broken}, {"x": candidate}, 0.99)
+    assert compare(broken, ref)["rel_error"] != compare(broken, ref)["rel_error"]  # NaN: what the gate now refuses
+
+
 def _kl_vae(directory: Path, **overrides: object) -> None:
     """The tiny SD preset's AutoencoderKL with some config fields changed, written by save_pretrained."""
     from diffusers import AutoencoderKL
@@ -282,12 +314,14 @@ def _kl_vae(directory: Path, **overrides: object) -> None:
     ("wrong-latent-channels", "16 latent channels, the UNet takes 4"),
     ("wrong-down-sampling", "the VAE down-samples by 4, the pipeline's VAE .* by 8"),
     ("not-a-vae-argument", "expected 'tiny', a hub id"),
+    ("nonzero-shift-factor", "shift_factor 0.1159; the SD / SDXL pipelines ignore shift_factor"),
 ])
 def test_bad_vae_arguments_fail_before_any_export(case, message, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argument = {"unknown-hub-id": "nobody/no-such-vae", "missing-directory": str(tmp_path / "nowhere"),
                 "directory-without-vae": str(tmp_path / "empty"), "wrong-latent-channels": str(tmp_path / "vae16"),
-                "wrong-down-sampling": str(tmp_path / "vae-x4"), "not-a-vae-argument": "just words"}[case]
+                "wrong-down-sampling": str(tmp_path / "vae-x4"), "not-a-vae-argument": "just words",
+                "nonzero-shift-factor": str(tmp_path / "vae-shift")}[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     if case == "wrong-latent-channels":
@@ -295,6 +329,8 @@ def test_bad_vae_arguments_fail_before_any_export(case, message, tmp_path, monke
     if case == "wrong-down-sampling":  # three levels: down-sampling by 4
         _kl_vae(tmp_path / "vae-x4", block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3,
                 up_block_types=["UpDecoderBlock2D"] * 3)
+    if case == "nonzero-shift-factor":  # an SD3 / Flux-style VAE: the SD pipelines would ignore its shift
+        _kl_vae(tmp_path / "vae-shift", shift_factor=0.1159)
     bundle = tmp_path / "b"
     with pytest.raises(SourceError, match=message):
         quiet_build(tiny_options("tiny-sd-turbo", bundle, vae=argument))
@@ -310,7 +346,11 @@ def test_tiny_vae_offline_needs_a_seeded_source(monkeypatch):
         resolve_vae("tiny", "local", "sd", None)
     choice = resolve_vae("tiny", "random", "sdxl", 43)  # offline: the shipped full-size TAESD config
     assert choice.kind == "seeded" and choice.config["_class_name"] == "AutoencoderTiny"
-    assert choice.config["num_decoder_blocks"] == [3, 3, 3, 1] and choice.fingerprint() == choice.fingerprint()
+    assert choice.config["num_decoder_blocks"] == [3, 3, 3, 1]
+    # The fingerprint follows the seed and the config: another seed or the other family's TAESD differs.
+    assert choice.fingerprint() == resolve_vae("tiny", "random", "sdxl", 43).fingerprint()
+    assert choice.fingerprint() != resolve_vae("tiny", "random", "sdxl", 44).fingerprint()
+    assert choice.fingerprint() != resolve_vae("tiny", "random", "sd", 43).fingerprint()
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, vae: object) -> str:
@@ -338,9 +378,19 @@ def test_hub_vae_from_the_local_cache_offline(tmp_path, monkeypatch):
     loaded = choice.load()
     expected = seeded.load().state_dict()
     assert all(np.array_equal(v.numpy(), expected[k].numpy()) for k, v in loaded.state_dict().items())
-    # Same weights and config as the seeded VAE, but another source: the fingerprints hash the files.
-    assert choice.fingerprint() == resolve_vae("madebyollin/taesd", "preset", "sd", None,
-                                               cache_dir=tmp_path / "hub").fingerprint()
+    # The fingerprints hash the files, not where they are: a copy of the snapshot elsewhere has the same one,
+    # the seeded VAE (hashed from its config and seed) another, and so does the copy once a weight changes.
+    assert choice.folder is not None
+    copy = shutil.copytree(choice.folder, tmp_path / "copy")
+    assert choice.fingerprint() == resolve_vae(str(copy), "hub", "sd", None).fingerprint()
+    assert choice.fingerprint() != seeded.fingerprint()
+    import torch
+
+    changed = seeded.load()
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    changed.save_pretrained(copy)
+    assert choice.fingerprint() != resolve_vae(str(copy), "hub", "sd", None).fingerprint()
 
 
 def test_bench_baseline_uses_the_bundle_vae(sd_tiny_vae):
