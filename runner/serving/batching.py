@@ -78,7 +78,10 @@ def run_requests(pipe: Any, requests: Sequence[ServeRequest | Exception]) -> lis
 def warm_up(pipe: Any) -> int:
     """One call per plan a request is most likely to need (txt2img at every step count; img2img from the
     first step at every step count), so the first requests pay no first-call costs (session
-    initialization, CUDA graph capture). Returns the number of calls made."""
+    initialization). Then, when the executor captures graphs (TensorRT on a GPU: it has `prepare`),
+    every plan's graphs are captured, both variants, so readiness means no request triggers a capture.
+    Returns the number of engine calls made (captures not counted)."""
+    from ..schedule import all_plans
     from .requests import ModelFacts, decode_request
 
     facts = ModelFacts.of(pipe)
@@ -93,4 +96,8 @@ def warm_up(pipe: Any) -> int:
     for outcome in run_requests(pipe, requests):
         if isinstance(outcome, Exception):
             raise outcome
+    prepare = getattr(pipe.executor, "prepare", None)
+    if callable(prepare):
+        for plan in all_plans(pipe.scheduler):
+            prepare(plan)
     return len(group_by_plan(requests, pipe.batch))
