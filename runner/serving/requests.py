@@ -9,7 +9,8 @@ bypass Triton's checks).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from turbo_trt.errors import InputError
 
-from ..inputs import MAX_SEED, check_image
+from ..inputs import MAX_SEED, check_image, check_seed
 from ..schedule import Plan, img2img_plan, txt2img_plan
 from .contract import DEFAULT_STEPS, DEFAULT_STRENGTH
 
@@ -52,6 +53,18 @@ class ServeRequest:
     seed: int
     plan: Plan
     image: np.ndarray | None  # uint8 (H, W, 3) for img2img
+
+
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Re-raise the runner's InputError (its rules, runner/inputs.py and runner/schedule.py) as a RequestError
+    naming the request's field."""
+    try:
+        yield
+    except RequestError:
+        raise
+    except InputError as exc:
+        raise RequestError(name, str(exc)) from None
 
 
 def _scalar(inputs: Mapping[str, Any], name: str, kind: str) -> Any:
@@ -95,29 +108,23 @@ def _seed(inputs: Mapping[str, Any]) -> int:
     raw = _scalar(inputs, "seed", "int")
     if raw is None:
         return secrets.randbelow(MAX_SEED)
-    if not 0 <= int(raw) < MAX_SEED:
-        raise RequestError("seed", f"must be in [0, 2**63), got {int(raw)}")
-    return int(raw)
+    with _field("seed"):
+        return check_seed(int(raw))
 
 
 def _plan(inputs: Mapping[str, Any], facts: ModelFacts, img2img: bool) -> Plan:
     raw_steps = _scalar(inputs, "steps", "int")
     steps = DEFAULT_STEPS if raw_steps is None else int(raw_steps)
-    max_steps = int(facts.scheduler["max_steps"])
-    if not 1 <= steps <= max_steps:
-        raise RequestError("steps", f"must be in 1..{max_steps}, got {steps}")
     raw_strength = _scalar(inputs, "strength", "float")
     if not img2img:
         if raw_strength is not None:
             raise RequestError("strength", "applies to image-to-image only; send an image too, or leave strength out")
-        return txt2img_plan(facts.scheduler, steps)
-    strength = DEFAULT_STRENGTH if raw_strength is None else float(raw_strength)
-    if not 0.0 < strength <= 1.0:
-        raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
-    if int(steps * strength) < 1:
-        raise RequestError("strength", f"{strength:g} with {steps} steps runs int({steps} * {strength:g}) = 0 steps; "
-                                       f"send strength >= {1 / steps:g} or more steps")
-    return img2img_plan(facts.scheduler, steps, strength)
+        with _field("steps"):
+            return txt2img_plan(facts.scheduler, steps)
+    with _field("steps"):
+        txt2img_plan(facts.scheduler, steps)  # the steps rule first, so its error names steps, not strength
+    with _field("strength"):
+        return img2img_plan(facts.scheduler, steps, DEFAULT_STRENGTH if raw_strength is None else float(raw_strength))
 
 
 def _image(inputs: Mapping[str, Any], facts: ModelFacts) -> np.ndarray | None:
@@ -132,10 +139,8 @@ def _image(inputs: Mapping[str, Any], facts: ModelFacts) -> np.ndarray | None:
     if array.dtype != np.uint8 or array.shape != (facts.height, facts.width, 3):
         raise RequestError("image", f"must be UINT8 [{facts.height}, {facts.width}, 3] (the bundle's size, RGB), "
                                     f"got {array.dtype} {list(array.shape)}")
-    try:
+    with _field("image"):
         return check_image(array, facts.height, facts.width, 1)[0]
-    except InputError as exc:
-        raise RequestError("image", str(exc)) from None
 
 
 def decode_request(inputs: Mapping[str, Any], facts: ModelFacts) -> ServeRequest:
