@@ -297,14 +297,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--engines", type=Path, required=True, help="bundle directory written by `turbo-trt build`")
     p.add_argument("--model-name", default=d["model_name"], help="name of the model in Triton")
-    p.add_argument("--address", default=d["address"], help="address the HTTP, gRPC and metrics endpoints bind")
+    p.add_argument("--address", default=d["address"],
+                   help="address the HTTP, gRPC and metrics endpoints bind: loopback by default; use 0.0.0.0 "
+                        "to serve other machines (behind a load balancer)")
     p.add_argument("--http-port", type=int, default=d["http_port"], help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=d["grpc_port"], help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"], help="Prometheus metrics port")
     p.add_argument("--instances", type=int, default=d["instances"],
                    help="model instances: pipelines made with fork(), each with its own execution state")
-    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"],
-                   help="auto: TensorRT on a GPU with the bundle's flavor installed, else ONNX Runtime (CPU)")
+    p.add_argument("--executor", choices=_executors(), default=d["executor"], help=EXECUTOR_HELP)
     p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"],
                    help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
     p.add_argument("--ignore-targets", action="store_true",
@@ -353,8 +354,10 @@ def _add_export_triton(sub: argparse._SubParsersAction) -> None:  # type: ignore
                    help="GPU indices, one instance group each, e.g. 0,1,2,3; 'none' for CPU instances "
                         "(default: the GPUs nvidia-smi lists now, CPU instances when there are none)")
     p.add_argument("--instances", type=int, default=d["instances"], help="instances per GPU (or on the CPU)")
-    p.add_argument("--executor", choices=["auto", "tensorrt", "onnxruntime"], default=d["executor"],
-                   help="executor the model uses")
+    p.add_argument("--executor", choices=_executors(), default=d["executor"],
+                   help="executor the model uses: " + EXECUTOR_HELP)
+    p.add_argument("--ignore-targets", action="store_true",
+                   help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
     p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"],
                    help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
     p.add_argument("--include-bundle", action="store_true",
@@ -377,7 +380,7 @@ def _run_export_triton(args: argparse.Namespace) -> int:
     model_dir = export_repository(ExportOptions(
         engines=args.engines, out=args.out, model_name=args.model_name, gpus=gpus, instances=args.instances,
         executor=args.executor, max_queue_delay_us=args.max_queue_delay_us, include_bundle=args.include_bundle,
-        force=args.force,
+        force=args.force, strict_targets=not args.ignore_targets,
     ))
     print(f"{model_dir}: Triton model '{args.model_name}' (Python backend)")
     print(f"serve it with a Triton install whose Python has turbo-trt: tritonserver --model-repository {args.out}")

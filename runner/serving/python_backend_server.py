@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from turbo_trt.errors import UsageError
 
 from .repository import ExportOptions, export_repository
-from .tritonserver import server_command
+from .tritonserver import listen_summary, server_command
 
 if TYPE_CHECKING:
     from .pytriton_server import ServeOptions
@@ -67,9 +67,9 @@ def serve_python_backend(options: ServeOptions, log: Callable[[str], None],
         try:
             while proc.poll() is None and not stop.wait(0.5):
                 if not announced and _ready(options.address, options.http_port):
-                    host = "127.0.0.1" if options.address == "0.0.0.0" else options.address
-                    log(f"serving model '{options.model_name}': HTTP {host}:{options.http_port}, gRPC "
-                        f"{host}:{options.grpc_port}, metrics http://{host}:{options.metrics_port}/metrics; ready")
+                    where = listen_summary(options.address, options.http_port, options.grpc_port,
+                                           options.metrics_port)
+                    log(f"serving model '{options.model_name}': {where}; ready")
                     announced = True
         finally:
             if proc.poll() is None:

@@ -30,17 +30,21 @@ from turbo_trt.errors import InputError, UsageError
 from .batching import run_requests, warm_up
 from .contract import DEFAULT_MODEL_NAME, model_inputs, model_outputs
 from .requests import ModelFacts, ServeRequest, decode_request
-from .tritonserver import python_library_env
+from .tritonserver import listen_summary, python_library_env
 
-#: How long Triton waits for requests in flight when stopping.
-EXIT_TIMEOUT_S = 30
+#: How long Triton waits for requests in flight when stopping: below PyTriton's own 30 s limit, after which
+#: it kills tritonserver, so Triton's graceful drain always gets to finish first.
+EXIT_TIMEOUT_S = 25
+
+#: Loopback only by default; `--address 0.0.0.0` serves other machines (behind a load balancer).
+DEFAULT_ADDRESS = "127.0.0.1"
 
 
 @dataclass
 class ServeOptions:
     engines: Path
     model_name: str = DEFAULT_MODEL_NAME
-    address: str = "0.0.0.0"
+    address: str = DEFAULT_ADDRESS
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -148,10 +152,8 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
             triton.run()
         except Exception as exc:  # PyTriton's own errors (a port in use, tritonserver exiting) carry no common base
             raise UsageError(f"Triton did not start ({type(exc).__name__}: {exc}); see its log above") from exc
-        host = "127.0.0.1" if options.address == "0.0.0.0" else options.address
         log(f"serving model '{options.model_name}' ({len(pipes)} instance(s), batch {pipes[0].batch}): "
-            f"HTTP {host}:{options.http_port}, gRPC {host}:{options.grpc_port}, "
-            f"metrics http://{host}:{options.metrics_port}/metrics; ready")
+            f"{listen_summary(options.address, options.http_port, options.grpc_port, options.metrics_port)}; ready")
         while not stop.wait(0.5):
             if not triton.is_alive():
                 raise UsageError("Triton stopped unexpectedly; see its log above")

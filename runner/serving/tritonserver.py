@@ -88,8 +88,15 @@ def default_backend_dir() -> Path:
     return cache / "turbo-trt" / "triton-backends" / f"py{sys.version_info[0]}.{sys.version_info[1]}"
 
 
+def listen_summary(address: str, http_port: int, grpc_port: int, metrics_port: int) -> str:
+    """Where the endpoints listen, with the address they really bind."""
+    where = f"{address} (every interface)" if address in ("0.0.0.0", "::") else address
+    return (f"binding {where}: HTTP port {http_port}, gRPC port {grpc_port}, "
+            f"metrics port {metrics_port} (/metrics)")
+
+
 def server_command(repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                   address: str = "0.0.0.0", backend_dir: Path | None = None,
+                   address: str = "127.0.0.1", backend_dir: Path | None = None,
                    extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """argv and environment to serve `repository` with PyTriton's `tritonserver` binary on this machine."""
     server = pytriton_server_dir()
