@@ -53,6 +53,13 @@ def visible_gpus() -> list[int]:
     return [int(line) for line in out.split() if line.strip().isdigit()]
 
 
+def pbtxt_string(text: str) -> str:
+    """`text` as a protobuf text-format string literal (quotes included): backslash, double quote and line
+    breaks escaped, so any path reads back unchanged."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
 def _tensor(spec: TensorSpec) -> str:
     dims = ", ".join(str(d) for d in spec.dims)
     optional = " optional: true" if spec.optional else ""
@@ -71,12 +78,12 @@ def config_pbtxt(name: str, batch: int, height: int, width: int, gpus: Sequence[
     outputs = ",\n".join(_tensor(s) for s in model_outputs(height, width))
     return (
         f"# Written by `turbo-trt export-triton`: a turbo-trt bundle served by Triton's Python backend.\n"
-        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {batch}\n'
+        f'name: {pbtxt_string(name)}\nbackend: "python"\nmax_batch_size: {batch}\n'
         f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
         f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
         f"instance_group [\n{_instance_groups(gpus, instances)}\n]\n"
-        f'parameters: {{ key: "bundle" value: {{ string_value: "{bundle}" }} }}\n'
-        f'parameters: {{ key: "executor" value: {{ string_value: "{executor}" }} }}\n'
+        f'parameters: {{ key: "bundle" value: {{ string_value: {pbtxt_string(bundle)} }} }}\n'
+        f'parameters: {{ key: "executor" value: {{ string_value: {pbtxt_string(executor)} }} }}\n'
         f'parameters: {{ key: "strict_targets" value: {{ string_value: "{str(strict_targets).lower()}" }} }}\n'
     )
 

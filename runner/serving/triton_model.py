@@ -29,10 +29,23 @@ def _add_site_dirs() -> None:
             site.addsitedir(directory)
 
 
+def visible_device(device: int, visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES value that leaves only Triton's device `device` visible. Triton's device id
+    is an index into the GPUs this process sees: with CUDA_VISIBLE_DEVICES already set (e.g. "2,3", or
+    GPU UUIDs) it is that list's entry, not the raw id."""
+    entries = [entry.strip() for entry in (visible or "").split(",") if entry.strip()]
+    if not entries:
+        return str(device)
+    if not 0 <= device < len(entries):
+        raise RuntimeError(f"Triton device id {device} is outside CUDA_VISIBLE_DEVICES={visible!r}")
+    return entries[device]
+
+
 def _use_device(device: int) -> None:
-    """Run this instance on GPU `device`: hide the others when CUDA is not initialized in this process yet,
-    else (the stub initialized it) make `device` current for this thread, which runs initialize and execute."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+    """Run this instance on GPU `device` (an index into the visible GPUs): hide the others when CUDA is not
+    initialized in this process yet, else (the stub initialized it, seeing the same visible GPUs) make
+    `device` current for this thread, which runs initialize and execute."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
         from cuda.bindings import runtime  # type: ignore[import-not-found]
     except ImportError:
