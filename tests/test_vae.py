@@ -347,10 +347,11 @@ def test_tiny_vae_offline_needs_a_seeded_source(monkeypatch):
     choice = resolve_vae("tiny", "random", "sdxl", 43)  # offline: the shipped full-size TAESD config
     assert choice.kind == "seeded" and choice.config["_class_name"] == "AutoencoderTiny"
     assert choice.config["num_decoder_blocks"] == [3, 3, 3, 1]
-    # The fingerprint follows the seed and the config: another seed or the other family's TAESD differs.
+    # The fingerprint follows the seed and the config: another seed or another config (the tiny presets'
+    # toy-width TAESD) differs.
     assert choice.fingerprint() == resolve_vae("tiny", "random", "sdxl", 43).fingerprint()
     assert choice.fingerprint() != resolve_vae("tiny", "random", "sdxl", 44).fingerprint()
-    assert choice.fingerprint() != resolve_vae("tiny", "random", "sd", 43).fingerprint()
+    assert choice.fingerprint() != resolve_vae("tiny", "preset", "sdxl", 43).fingerprint()
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, vae: object) -> str:
