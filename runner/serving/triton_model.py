@@ -2,7 +2,7 @@
 `<repository>/<model>/1/model.py`; Triton's Python backend loads it in a stub process per model instance.
 
 Model parameters (config.pbtxt): `bundle` (the bundle directory; a relative path is taken from the model's
-version directory), `executor` (auto, tensorrt, onnxruntime), `strict_targets` (false: run TensorRT engines
+version directory), `executor` (auto, tensorrt, onnxruntime-cuda, onnxruntime), `strict_targets` (false: run TensorRT engines
 on a GPU outside their build targets, with a warning). An instance of kind GPU runs on its own GPU
 (`_use_device`). `initialize` opens and checks the bundle and warms the pipeline up before Triton marks the
 model ready; a bundle that fails its checks raises, so the model never becomes ready and Triton's log says
