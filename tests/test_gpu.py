@@ -243,3 +243,18 @@ def test_forks_in_threads(gpu_pipes):
         np.testing.assert_array_equal(image, want[i])
     for f in forks:
         f.close()
+
+
+def test_serving_warm_up_captures_every_graph(trt_pipe):
+    """`turbo-trt serve` turns ready only after warm-up: with TensorRT, every plan's two graphs (with and
+    without text encoders) are captured by then, so no request pays for a capture."""
+    from turbo_trt.runner.schedule import all_plans
+    from turbo_trt.runner.serving.batching import warm_up
+
+    fork = trt_pipe.fork()
+    try:
+        warm_up(fork)
+        stats = fork.executor.graph_stats()
+        assert stats["graphs_captured"] == 2 * len(all_plans(fork.scheduler)) and stats["capture_failures"] == 0
+    finally:
+        fork.close()
