@@ -547,17 +547,38 @@ def test_executor_without_weight_swaps_is_refused_before_reading(refit_bundle, t
 
 def test_concurrent_swaps_on_forks_leave_one_whole_set(refit_bundle, loras):
     """set_loras on a pipeline and its fork at the same time, while a third fork generates: the sets are
-    applied one after the other, so the weights end as the last set applied once (bit for bit)."""
+    applied one after the other, so the weights end as the last set applied once (bit for bit), and every
+    image made meanwhile ran on one whole set."""
     import threading
+    import time
 
     first = TurboPipeline.from_bundle(refit_bundle, executor="onnxruntime")
     second, runner = first.fork(), first.fork()
     sets = [{loras["style"]: 1.0, loras["detail"]: 0.5}, {loras["detail"]: 1.0}]
     errors: list[BaseException] = []
+    seen: list[np.ndarray] = []
     stop = threading.Event()
+
+    # Watch the real executors' weight changes: each waits a moment inside, widening the window in which an
+    # unserialized second call would overlap it.
+    active, peak, guard = [0], [0], threading.Lock()
+    for executor in (first.executor, second.executor):
+        def watched(updates: object, current_weight: object = None, real: object = executor.set_weights) -> None:
+            with guard:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.2)
+                real(updates, current_weight)  # type: ignore[operator]
+            finally:
+                with guard:
+                    active[0] -= 1
+        executor.set_weights = watched  # type: ignore[method-assign]
+    barrier = threading.Barrier(2)
 
     def swap(pipe: TurboPipeline, wanted: dict[Path, float]) -> None:
         try:
+            barrier.wait()
             for _ in range(3):
                 pipe.set_loras(wanted)
         except BaseException as exc:  # noqa: BLE001  reported below
@@ -566,7 +587,7 @@ def test_concurrent_swaps_on_forks_leave_one_whole_set(refit_bundle, loras):
     def generate() -> None:
         try:
             while not stop.is_set():
-                _images(runner, steps=1)
+                seen.append(_images(runner, steps=1))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -580,12 +601,19 @@ def test_concurrent_swaps_on_forks_leave_one_whole_set(refit_bundle, loras):
     stop.set()
     background.join()
     assert not errors, errors
+    assert peak[0] == 1, "two weight changes ran at once"
     final = first.loras
     assert final == second.loras and final in [{str(k): v for k, v in w.items()} for w in sets]
     fresh = TurboPipeline.from_bundle(refit_bundle, executor="onnxruntime")
     fresh.set_loras({Path(k): v for k, v in final.items()})
     assert np.array_equal(_images(first), _images(fresh))
     assert np.array_equal(_images(second), _images(fresh))
+    # every image made during the swaps ran on one whole set (prompt and UNet weights from the same set)
+    whole = []
+    for wanted in [{}, *sets]:
+        fresh.set_loras(wanted)
+        whole.append(_images(fresh, steps=1))
+    assert seen and all(any(np.array_equal(image, ok) for ok in whole) for image in seen)
 
 
 def test_generate_cli_applies_lora(refit_bundle, loras, tmp_path):
