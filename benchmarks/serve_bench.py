@@ -33,7 +33,8 @@ PROMPTS = ["a red cat on a sofa", "a lighthouse at dusk", "a bowl of fruit", "an
            "a city street in the rain", "a mountain lake", "a portrait of a dog", "a sailing boat"]
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports free right now (the server binds them a moment later)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
@@ -64,7 +65,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def _start_server(engines: Path, instances: int, executor: str, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     argv = [sys.executable, "-m", "turbo_trt.cli", "serve", "--engines", str(engines), "--executor", executor,
             "--instances", str(instances), "--address", "127.0.0.1", "--http-port", str(http),
             "--grpc-port", str(grpc), "--metrics-port", str(metrics)]

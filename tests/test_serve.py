@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from turbo_trt.benchmarks.serve_bench import free_ports
 from turbo_trt.runner import TurboPipeline
 from turbo_trt.runner.serving.batching import run_requests
 from turbo_trt.runner.serving.client import request_inputs
@@ -50,16 +50,6 @@ SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Server:
