@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from turbo_trt.errors import TurboTrtError
-
 from ..inputs import Noise, make_noise
 from .requests import ServeRequest
 
@@ -56,7 +54,8 @@ def group_by_plan(requests: Sequence[ServeRequest | Exception], batch: int) -> l
 
 def run_requests(pipe: Any, requests: Sequence[ServeRequest | Exception]) -> list[Outcome]:
     """Images for the good requests, the errors passed through for the bad ones (same order). A failure
-    of one engine call (e.g. NonFiniteOutputError) fails only the requests in that call."""
+    of one engine call (NonFiniteOutputError, an executor's error, any exception) fails only the requests
+    in that call: each gets that exception, with its traceback (`errors.answers` logs it under an id)."""
     outcomes: list[Outcome] = [r if isinstance(r, Exception) else np.empty(0, np.uint8) for r in requests]
     for chunk in group_by_plan(requests, pipe.batch):
         members: list[ServeRequest] = [requests[i] for i in chunk]  # type: ignore[misc]
@@ -66,7 +65,7 @@ def run_requests(pipe: Any, requests: Sequence[ServeRequest | Exception]) -> lis
         pixels = None if plan.mode == "txt2img" else np.stack([r.image for r in padded])  # type: ignore[misc]
         try:
             images = pipe.run_with_noise([r.prompt for r in members], plan, noise, pixels)
-        except TurboTrtError as exc:
+        except Exception as exc:  # noqa: BLE001 - one engine call's failure is its requests' outcome
             for i in chunk:
                 outcomes[i] = exc
             continue

@@ -7,14 +7,20 @@ Triton, so `/v2/health/ready` is never true before the model can answer at full 
 fails a check raises before any port opens. SIGINT/SIGTERM stop Triton, which finishes the requests in
 flight first.
 
-PyTriton answers a dynamic batch as a whole: a request that fails its checks fails the other requests that
-Triton grouped into the same batch (they get an error naming the bad request). The exported repository
-(`export-triton`, or `serve --backend python`: Triton's Python backend) answers each request on its own.
+PyTriton (0.7) answers a dynamic batch as a whole, with a traceback: the model file it writes is wrapped
+(`install_stub`, `pytriton_stub.py`) so that each request gets its own answer. The callable raises a
+`BatchVerdict` (one reply per request) when any request fails; the wrapper answers the failed ones with
+their messages and sends the others again alone. `turbo-trt serve` defaults to `--backend python`
+(python_backend_server.py: Triton's Python backend answers each request natively); this backend is kept for
+what only it gives: instances in one process sharing the engines' weights.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -29,6 +35,7 @@ from turbo_trt.errors import InputError, UsageError
 
 from .batching import run_requests, warm_up
 from .contract import DEFAULT_MODEL_NAME, model_inputs, model_outputs
+from .errors import Answer, answers
 from .requests import ModelFacts, ServeRequest, decode_request
 from .tritonserver import listen_summary, python_library_env
 
@@ -52,37 +59,71 @@ class ServeOptions:
     executor: str = "auto"
     max_queue_delay_us: int = 2000
     strict_targets: bool = True
-    backend: str = "pytriton"  # or "python": python_backend_server.py
+    backend: str = "python"  # python_backend_server.py; or "pytriton": this module
 
 
-class BatchError(InputError):
-    """A batch held a request that broke a rule (PyTriton fails a batch as a whole)."""
+#: Precedes the JSON replies in a BatchVerdict's text; pytriton_stub.py holds the same text.
+VERDICT_MARKER = "turbo-trt-verdict:"
+STUB = Path(__file__).with_name("pytriton_stub.py")
 
 
-def make_infer_func(pipe: Any) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
-    """PyTriton's callable for one instance: a list of requests (Triton's dynamic batch) -> their images."""
+class BatchVerdict(Exception):
+    """Raised by the PyTriton callable when a request of its batch failed: one reply per request,
+    `[message, bad_request]` or None (fine: to be sent again without the others), as JSON after
+    VERDICT_MARKER, which `pytriton_stub.py` reads back out of the error text PyTriton hands to Triton."""
+
+    def __init__(self, replies: list[Answer | None]) -> None:
+        payload = [None if r is None else [r.message, r.bad_request] for r in replies]
+        super().__init__(VERDICT_MARKER + json.dumps(payload))
+
+
+class _QuietVerdicts(logging.Filter):
+    """PyTriton logs every exception of a callable with its traceback; a verdict is already logged (one line
+    per bad request, the traceback of an internal error under its id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return VERDICT_MARKER not in record.getMessage()
+
+
+def make_infer_func(pipe: Any, log: Callable[[str], None] | None = None,
+                    model: str = DEFAULT_MODEL_NAME) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
+    """PyTriton's callable for one instance: a list of requests (Triton's dynamic batch) -> their images.
+    A batch with a bad request runs nothing: the wrapper sends the good ones again without it."""
     facts = ModelFacts.of(pipe)
+    write = log or (lambda message: None)
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        decoded: list[ServeRequest | Exception] = []
-        for request in requests:
-            try:
-                decoded.append(decode_request(dict(request.data), facts))
-            except InputError as exc:
-                decoded.append(exc)
-        bad = [(i, r) for i, r in enumerate(decoded) if isinstance(r, Exception)]
-        if bad:
-            if len(requests) == 1:
-                raise bad[0][1]
-            reasons = "; ".join(f"request {i + 1} of {len(requests)}: {error}" for i, error in bad)
-            raise BatchError(f"{reasons} (requests batched with a bad one are not run: send them again)")
-        outcomes = run_requests(pipe, decoded)
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-        return [{"image": outcome[None]} for outcome in outcomes]  # type: ignore[index]
+        outcomes: list[Any]
+        try:
+            decoded: list[ServeRequest | Exception] = []
+            for request in requests:
+                try:
+                    decoded.append(decode_request(dict(request.data), facts))
+                except InputError as exc:
+                    decoded.append(exc)
+            if any(isinstance(r, Exception) for r in decoded):
+                outcomes = decoded
+            else:
+                outcomes = run_requests(pipe, decoded)
+        except Exception as exc:  # noqa: BLE001 - outside the engine calls: every request of the batch
+            outcomes = [exc] * len(requests)
+        replies = answers(outcomes, write, model)
+        if any(reply is not None for reply in replies):
+            raise BatchVerdict(replies)
+        return [{"image": outcome[None]} for outcome in outcomes]
 
     return infer
+
+
+def install_stub(version_dir: Path) -> None:
+    """Put `pytriton_stub.py` in place of the model.py PyTriton wrote in `version_dir` (kept beside it as
+    pytriton_model.py, which the stub runs)."""
+    model = version_dir / "model.py"
+    if not model.is_file() or "class TritonPythonModel" not in model.read_text():
+        raise UsageError(f"PyTriton wrote no model.py with a TritonPythonModel in {version_dir}: this PyTriton "
+                         "version is not one turbo-trt can wrap; use `--backend python`")
+    os.replace(model, version_dir / "pytriton_model.py")
+    shutil.copyfile(STUB, version_dir / "model.py")
 
 
 def load_instances(options: ServeOptions, log: Callable[[str], None]) -> list[Any]:
@@ -113,6 +154,7 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+        from pytriton.utils.workspace import Workspace
     except ImportError as exc:
         raise UsageError("`turbo-trt serve` needs PyTriton: pip install 'turbo-trt[serve]'") from exc
 
@@ -129,6 +171,7 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+    logging.getLogger("pytriton.proxy.inference").addFilter(_QuietVerdicts())
     config = TritonConfig(
         http_address=options.address, http_port=options.http_port, grpc_address=options.address,
         grpc_port=options.grpc_port, metrics_address=options.address, metrics_port=options.metrics_port,
@@ -136,18 +179,20 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
     )
     # The model is written to a local model store before tritonserver starts, so Triton loads it during
     # startup: the endpoints open (and /v2/health/ready turns true) only once the model is loaded.
-    triton = Triton(config=config,
+    workspace = Workspace()
+    triton = Triton(config=config, workspace=workspace,
                     triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True))
     try:
         triton.bind(
             model_name=options.model_name,
-            infer_func=[make_infer_func(pipe) for pipe in pipes],
+            infer_func=[make_infer_func(pipe, log, options.model_name) for pipe in pipes],
             inputs=_triton_tensors(model_inputs(height, width)),
             outputs=_triton_tensors(model_outputs(height, width)),
             config=ModelConfig(max_batch_size=pipes[0].batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),
             strict=True,
         )
+        install_stub(workspace.model_store_path / options.model_name / "1")
         try:
             triton.run()
         except Exception as exc:  # PyTriton's own errors (a port in use, tritonserver exiting) carry no common base

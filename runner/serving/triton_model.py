@@ -7,7 +7,9 @@ on a GPU outside their build targets, with a warning). An instance of kind GPU r
 (`_use_device`). `initialize` opens and checks the bundle and warms the pipeline up before Triton marks the
 model ready; a bundle that fails its checks raises, so the model never becomes ready and Triton's log says
 why. Each request is checked on its own and a bad one
-gets its own error response; the others in the batch run.
+gets its own error response (the runner's message, starting with the field's name, as INVALID_ARG); the
+others in the batch run. `execute` never raises: an unexpected failure answers each request it touched with
+a short message and an id that Triton's log repeats next to the traceback (`runner/serving/errors.py`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class TritonPythonModel:
         from turbo_trt.runner.serving.requests import ModelFacts
 
         self._pb = pb_utils
-        name = args.get("model_instance_name", "turbo")
+        self.name = name = args.get("model_instance_name", "turbo")
         pb_utils.Logger.log_info(f"{name}: opening {bundle} (checking every file's sha256)")
         self.pipe = TurboPipeline.from_bundle(bundle, executor=params.get("executor", "auto"),
                                               strict_targets=params.get("strict_targets", "true") != "false")
@@ -84,28 +86,44 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{name}: {self.pipe.executor.name} pipeline warmed up ({calls} calls); ready")
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        from turbo_trt.runner.serving.errors import answers, log_internal, new_error_id
+
+        pb = self._pb
+        try:
+            outcomes = self._outcomes(requests)
+            replies = answers(outcomes, pb.Logger.log_error, self.name, pb.Logger.log_info)
+        except Exception as exc:  # noqa: BLE001 - a failure outside the engine calls: every request gets its id
+            message = log_internal(exc, new_error_id(), f"in {self.name}, a batch of {len(requests)}",
+                                   pb.Logger.log_error)
+            return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
+        invalid = getattr(pb.TritonError, "INVALID_ARG", None)  # Python backends before 23.06 have no codes
+        responses = []
+        for outcome, reply in zip(outcomes, replies):
+            if reply is None:
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", outcome[None])]))
+            elif reply.bad_request and invalid is not None:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message, invalid)))
+            else:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message)))
+        return responses
+
+    def _outcomes(self, requests: list[Any]) -> list[Any]:
+        """Each request's image (uint8 (H, W, 3)) or the exception that failed it."""
         from turbo_trt.errors import InputError
         from turbo_trt.runner.serving.batching import run_requests
         from turbo_trt.runner.serving.requests import ServeRequest, decode_request
 
-        pb = self._pb
         decoded: list[ServeRequest | Exception] = []
         for request in requests:
             inputs = {}
             for name in INPUT_NAMES:
-                tensor = pb.get_input_tensor_by_name(request, name)
+                tensor = self._pb.get_input_tensor_by_name(request, name)
                 inputs[name] = None if tensor is None else tensor.as_numpy()
             try:
                 decoded.append(decode_request(inputs, self.facts))
             except InputError as exc:
                 decoded.append(exc)
-        responses = []
-        for outcome in run_requests(self.pipe, decoded):
-            if isinstance(outcome, Exception):
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(outcome))))
-            else:
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", outcome[None])]))
-        return responses
+        return list(run_requests(self.pipe, decoded))
 
     def finalize(self) -> None:
         pipe = getattr(self, "pipe", None)

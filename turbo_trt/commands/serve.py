@@ -15,11 +15,13 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = defaults(ServeOptions)
     p = sub.add_parser(
         "serve",
-        help="serve a bundle on NVIDIA Triton Inference Server (in this process, via PyTriton)",
-        description="Check and load a bundle, warm up one pipeline per instance (forks sharing the engines' "
-                    "weights), then start Triton with the bundle bound as one model: HTTP and gRPC "
-                    "(KServe v2 protocol), dynamic batching up to the bundle's batch, health and metrics. "
-                    "SIGINT/SIGTERM stop it after the requests in flight. Model inputs: prompt BYTES [1]; "
+        help="serve a bundle on NVIDIA Triton Inference Server",
+        description="Serve a bundle as one Triton model: HTTP and gRPC (KServe v2 protocol), dynamic batching "
+                    "up to the bundle's batch, health and metrics. Each instance checks the bundle and warms "
+                    "up before Triton reports ready. Each request is answered on its own: a bad one gets an "
+                    "error that starts with the field's name, and the requests batched with it their images; "
+                    "an internal failure gets 'internal error (id ...)', and the log has that id beside the "
+                    "traceback. SIGINT/SIGTERM stop it after the requests in flight. Model inputs: prompt BYTES [1]; "
                     "optional seed INT64 [1], steps INT32 [1], image UINT8 [H, W, 3], strength FP32 [1]; "
                     "output: image UINT8 [H, W, 3] (see README, Serve). Needs the `serve` extra.",
         formatter_class=HelpFormatter,
@@ -33,16 +35,17 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--grpc-port", type=int, default=d["grpc_port"], help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"], help="Prometheus metrics port")
     p.add_argument("--instances", type=int, default=d["instances"],
-                   help="model instances: pipelines made with fork(), each with its own execution state")
+                   help="model instances (per GPU with --backend python): each runs one batch at a time")
     p.add_argument("--executor", choices=executors(), default=d["executor"], help=EXECUTOR_HELP)
     p.add_argument("--max-queue-delay-us", type=int, default=d["max_queue_delay_us"],
                    help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
     p.add_argument("--ignore-targets", action="store_true",
                    help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
     p.add_argument("--backend", choices=["pytriton", "python"], default=d["backend"],
-                   help="pytriton: Triton bound to this process, instances share the engines' weights, a bad "
-                        "request fails the requests Triton batched with it; python: the `export-triton` repository "
-                        "on PyTriton's tritonserver binary, one process per instance, a bad request fails alone")
+                   help="python: the `export-triton` repository on the tritonserver binary PyTriton ships, one "
+                        "Triton Python-backend process per instance, each with its own copy of the engines' "
+                        "weights; pytriton: Triton bound to this process through PyTriton, instances are "
+                        "fork()s sharing one copy of the weights (less device memory per extra instance)")
 
 
 def run(args: argparse.Namespace) -> int:
