@@ -38,6 +38,17 @@ def sdxl_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildRe
     return out, quiet_build(tiny_options("tiny-sdxl-turbo", out))
 
 
+@pytest.fixture(scope="session")
+def refit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD-Turbo with refittable ONNX graphs (weights in external data, with weight maps), no engines:
+    run-time LoRAs (test_lora.py), and a weight file corrupted under a running server (test_serve.py)."""
+    from turbo_trt.builder.engine import EngineOptions
+
+    out = tmp_path_factory.mktemp("refit-bundles") / "refit"
+    quiet_build(tiny_options("tiny-sd-turbo", out, onnx_only=True, engine=EngineOptions(refittable=True)))
+    return out
+
+
 def copy_bundle(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock"))
     return dest

@@ -93,12 +93,8 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"style": style, "detail": detail, "kohya": kohya}
 
 
-@pytest.fixture(scope="module")
-def refit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Refittable ONNX graphs with their weight maps (engines: see test_refittable_engine_build)."""
-    out = tmp_path_factory.mktemp("lora-bundles") / "refit"
-    quiet_build(tiny_options("tiny-sd-turbo", out, onnx_only=True, engine=EngineOptions(refittable=True)))
-    return out
+# refit_bundle (refittable ONNX graphs with their weight maps; engines: see test_refittable_engine_build)
+# is the session fixture in conftest.py, shared with test_serve.py.
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,28 @@
 """Serving on Triton: a real server on loopback (free ports) with tiny bundles and the ONNX Runtime executor,
-called with tritonclient over HTTP and gRPC.
+called with tritonclient over HTTP and gRPC, and with plain JSON over HTTP (as curl sends it).
 
-- `turbo-trt serve` (PyTriton in the serving process) on the batch-1 tiny SD-Turbo bundle: txt2img and
-  img2img bit for bit equal to direct TurboPipeline calls with the same seeds; every bad request gets an
-  error naming the field and the rule, and the server keeps serving; a corrupted bundle never gets ready.
+- `turbo-trt serve` (default `--backend python`: the exported repository on the `tritonserver` binary the
+  PyTriton wheel ships) on the batch-1 tiny SD-Turbo bundle: txt2img and img2img bit for bit equal to direct
+  TurboPipeline calls with the same seeds; every bad request gets an error that starts with the field's name
+  (or, for what Triton checks itself, names it) with no traceback, file or path, and the server keeps serving.
+- `turbo-trt serve --backend pytriton` (Triton bound in this process, PyTriton's model file wrapped) on a
+  batch-2 bundle with 2 instances: the same images and the same clean errors.
+- Both backends: a good and a bad request grouped by the dynamic batcher into one execution get one image
+  and one clean error; a weight file corrupted under a running server (a real fault: ONNX Runtime reads the
+  memory-mapped external data) answers `internal error (id ...)`, and the server log has that id beside the
+  traceback.
 - `turbo-trt serve` with 2 instances on a batch-2 bundle: concurrent clients whose requests the dynamic
   batcher groups (Triton's metrics show fewer executions than inferences), each response equal to what its
   request gets alone; SIGTERM with requests in flight answers them all and exits cleanly.
-- `turbo-trt export-triton` served by the `tritonserver` binary the PyTriton wheel ships (directly, and
-  through `turbo-trt serve --backend python`): the same images, and bad requests failing alone while the
-  requests batched with them succeed; a corrupted bundle never gets ready.
+- `turbo-trt export-triton` served by a stock `tritonserver` run: the same images, bad requests failing alone;
+  a corrupted bundle never gets ready (on both ways).
 
 Every request loop is bounded in count and every wait in time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +45,8 @@ from tritonclient.utils import InferenceServerException
 from turbo_trt.benchmarks.serve_bench import free_ports
 from turbo_trt.runner import TurboPipeline
 from turbo_trt.runner.serving.batching import run_requests
-from turbo_trt.runner.serving.client import request_inputs
+from turbo_trt.runner.serving.client import infer_inputs, json_request, request_arrays, request_inputs
+from turbo_trt.runner.serving.errors import INTERNAL_MESSAGE, INTERNAL_PATTERN, Answer
 from turbo_trt.runner.serving.repository import ExportOptions, config_pbtxt, export_repository
 from turbo_trt.runner.serving.requests import ModelFacts, RequestError, decode_request
 from turbo_trt.runner.serving.tritonserver import server_command
@@ -168,6 +178,56 @@ def run_clients(jobs: list[Callable[[], Any]], timeout: float = 120) -> list[Any
     return results
 
 
+def post_json(server: Server, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST a KServe v2 JSON body to /v2/models/turbo/infer, as curl does: (HTTP status, parsed reply)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/models/turbo/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def send_for_error(server: Server, protocol: str, arrays: list[Any]) -> tuple[str, str]:
+    """Send a request that must fail over "json" (plain HTTP JSON), "http" or "grpc" (tritonclient):
+    (status, the error text the client reads)."""
+    if protocol == "json":
+        status, reply = post_json(server, json.dumps(json_request(arrays)).encode())
+        assert "error" in reply, f"the request succeeded: {str(reply)[:300]}"
+        return str(status), reply["error"]
+    module = httpclient if protocol == "http" else grpcclient
+    client = server.http_client() if protocol == "http" else server.grpc_client()
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("turbo", infer_inputs(module, arrays))
+        return str(info.value.status()), str(info.value.message())
+    finally:
+        client.close()
+
+
+CLIENT_ERROR = {"400", "StatusCode.INVALID_ARGUMENT"}
+SERVER_ERROR = {"500", "StatusCode.INTERNAL"}
+#: Text that must never reach a client: tracebacks, source lines, internal class names.
+LEAKS = ("Traceback", 'File "', "Exception", "RequestError", "InputError", "pytriton", "turbo_trt",
+         ".py", "model-store")
+
+
+def assert_clean(message: str, server_paths: list[str], label: str = "") -> None:
+    for leak in [*LEAKS, *server_paths]:
+        assert leak not in message, f"{label}: {leak!r} reached the client: {message[:800]}"
+    assert not re.search(r"(^|[\s'\"(=])/[\w.-]+/", message), f"{label}: a path reached the client: {message[:800]}"
+    assert not re.search(r", line \d+", message), f"{label}: a source line reached the client: {message[:800]}"
+
+
+def server_paths(*bundles: Path) -> list[str]:
+    """Paths of this machine that a client must not read: the checkout, the Python install, home, the bundles."""
+    import turbo_trt
+
+    return [str(Path(turbo_trt.__file__).resolve().parents[1]), sys.prefix, str(Path.home()),
+            *(str(b.resolve()) for b in bundles)]
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -203,6 +263,18 @@ def serve2(batch2_bundle, tmp_path_factory):
     # A long queue delay so that the dynamic batcher reliably groups concurrent requests.
     server = Server(serve_argv(batch2_bundle, "--instances", "2", "--max-queue-delay-us", "200000"),
                     tmp_path_factory.mktemp("serve2") / "log.txt")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pytriton2(batch2_bundle, tmp_path_factory):
+    """`--backend pytriton` (instances are forks in one process): batch 2, 2 instances, a long queue delay."""
+    server = Server(serve_argv(batch2_bundle, "--backend", "pytriton", "--instances", "2",
+                               "--max-queue-delay-us", "200000"), tmp_path_factory.mktemp("pytriton2") / "log.txt")
     try:
         server.wait_ready()
         yield server
@@ -310,47 +382,91 @@ def test_serve_unseeded_requests_differ(serve1):
         client.close()
 
 
-def _bad_requests() -> list[tuple[str, Callable[[Any], list[Any]], list[str]]]:
-    """(label, inputs for a protocol module, substrings the error must contain)."""
-
-    def custom(name: str, datatype: str, array: np.ndarray, with_prompt: bool = True) -> Callable[[Any], list[Any]]:
-        def make(protocol: Any) -> list[Any]:
-            inputs = request_inputs(protocol, "a cat") if with_prompt else []
-            tensor = protocol.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            return [*inputs, tensor]
-        return make
-
+def bad_requests() -> list[tuple[str, list[Any], str, str, str]]:
+    """(label, inputs, field, text the error must hold, who checks it: "model" (the runner's rules: the
+    error starts with "<field>: ") or "triton" (datatype and dims, checked by Triton before any model code:
+    its own text, which names the input in quotes))."""
     image = init_image(2)
+    prompt = request_arrays("a cat")
     return [
-        ("missing prompt", custom("seed", "INT64", np.array([[1]], np.int64), with_prompt=False), ["prompt"]),
-        ("empty prompt", lambda p: request_inputs(p, "", seed=1), ["prompt", "must not be empty"]),
-        ("non-UTF-8 prompt", lambda p: request_inputs(p, b"\xff\xfe cat", seed=1), ["prompt", "UTF-8"]),
-        ("steps as INT64", custom("steps", "INT64", np.array([[2]], np.int64)), ["steps", "INT32"]),
-        ("seed of shape [1, 2]", custom("seed", "INT64", np.array([[1, 2]], np.int64)), ["seed", "shape"]),
-        ("steps out of range", lambda p: request_inputs(p, "a cat", steps=5), ["steps", "1..4"]),
-        ("steps zero", lambda p: request_inputs(p, "a cat", steps=0), ["steps", "1..4"]),
-        ("strength that runs zero steps",
-         lambda p: request_inputs(p, "a cat", steps=2, image=image, strength=0.25), ["strength", "0 steps"]),
-        ("image of the wrong size", lambda p: request_inputs(p, "a cat", image=image[:32, :32]), ["image", "shape"]),
-        ("seed out of range", lambda p: request_inputs(p, "a cat", seed=-5), ["seed", "[0, 2**63)"]),
+        ("missing prompt", [("seed", "INT64", np.array([[1]], np.int64))], "prompt", "required", "model"),
+        ("empty prompt", request_arrays("", seed=1), "prompt", "must not be empty", "model"),
+        ("non-UTF-8 prompt", request_arrays(b"\xff\xfe cat", seed=1), "prompt", "UTF-8", "model"),
+        ("steps as INT64", [*prompt, ("steps", "INT64", np.array([[2]], np.int64))], "steps", "INT32", "triton"),
+        ("seed of shape [1, 2]", [*prompt, ("seed", "INT64", np.array([[1, 2]], np.int64))], "seed", "shape",
+         "triton"),
+        ("steps out of range", request_arrays("a cat", steps=5), "steps", "1..4", "model"),
+        ("steps zero", request_arrays("a cat", steps=0), "steps", "1..4", "model"),
+        ("steps 7", request_arrays("a cat", steps=7), "steps", "1..4, got 7", "model"),
+        ("strength that runs zero steps", request_arrays("a cat", steps=2, image=image, strength=0.25), "strength",
+         "0 steps", "model"),
+        ("image of the wrong size", request_arrays("a cat", image=image[:32, :32]), "image", "shape", "triton"),
+        ("seed out of range", request_arrays("a cat", seed=-5), "seed", "[0, 2**63)", "model"),
     ]
 
 
-@pytest.mark.parametrize("protocol", [httpclient, grpcclient], ids=["http", "grpc"])
-def test_serve_bad_requests_get_errors_and_serving_goes_on(serve1, pipe1, protocol):
-    client = serve1.http_client() if protocol is httpclient else serve1.grpc_client()
+def check_bad_requests(server: Server, protocol: str, bundle: Path) -> None:
+    paths = server_paths(bundle)
+    for label, arrays, field, rule, checker in bad_requests():
+        if protocol == "json" and label == "non-UTF-8 prompt":
+            continue  # JSON text is UTF-8 (RFC 8259): a JSON client cannot send these bytes as a string
+        status, message = send_for_error(server, protocol, arrays)
+        assert status in CLIENT_ERROR, f"{label}: status {status}: {message[:300]}"
+        assert rule in message, f"{label}: {rule!r} not in {message[:600]}"
+        if checker == "model":
+            assert message.startswith(f"{field}: "), f"{label}: does not start with {field!r}: {message[:600]}"
+        else:
+            assert f"'{field}'" in message, f"{label}: Triton's error does not name {field!r}: {message[:600]}"
+        assert_clean(message, paths, label)
+
+
+@pytest.mark.parametrize("protocol", ["json", "http", "grpc"])
+def test_serve_bad_requests_get_clean_errors_and_serving_goes_on(serve1, pipe1, sd_bundle, protocol):
+    check_bad_requests(serve1, protocol, sd_bundle[0])
+    client = serve1.http_client()
     try:
-        for label, make, expected in _bad_requests():
-            with pytest.raises(InferenceServerException) as info:
-                client.infer("turbo", make(protocol))
-            message = str(info.value)
-            for part in expected:
-                assert part in message, f"{label}: {part!r} not in {message[:600]}"
-        served = infer(client, protocol, prompt="still serving", seed=3)
+        served = infer(client, httpclient, prompt="still serving", seed=3)
         np.testing.assert_array_equal(served, pipe1("still serving", seed=3, output_type="np")[0])
     finally:
         client.close()
+    assert "refused: steps: num_inference_steps must be an integer in 1..4, got 7" in serve1.log()
+
+
+@pytest.mark.parametrize("protocol", ["json", "grpc"])
+def test_pytriton_backend_serves_and_gets_clean_errors(pytriton2, pipe2, batch2_bundle, protocol):
+    """The PyTriton backend: the same images (each equal to its request alone) and the same clean errors."""
+    requests: list[dict[str, Any]] = [{"prompt": "a red cat", "seed": 0, "steps": 2},
+                                      {"prompt": "a blue house", "seed": 7, "steps": 2, "image": init_image(5),
+                                       "strength": 0.5}]
+    client = pytriton2.http_client() if protocol == "json" else pytriton2.grpc_client()
+    try:
+        for request in requests:
+            module = httpclient if protocol == "json" else grpcclient
+            np.testing.assert_array_equal(infer(client, module, **request), alone(pipe2, **request))
+    finally:
+        client.close()
+    check_bad_requests(pytriton2, protocol, batch2_bundle)
+    assert "refused: steps: num_inference_steps must be an integer in 1..4, got 7" in pytriton2.log()
+    assert "Traceback" not in pytriton2.log(), "a bad request logged a traceback"
+
+
+def test_verdict_survives_pytriton_error_text():
+    """The PyTriton callable's verdict reaches the wrapper through PyTriton's error text (a traceback of two
+    processes, escaped); the wrapper's copies of the marker and the internal message are the library's."""
+    import traceback
+
+    from turbo_trt.runner.serving import pytriton_stub
+    from turbo_trt.runner.serving.pytriton_server import VERDICT_MARKER, BatchVerdict
+
+    replies = [None, Answer('prompt: must be UTF-8 text; byte 0 is "bad"\nx', True), Answer("internal error", False)]
+    try:
+        raise BatchVerdict(replies)
+    except BatchVerdict as exc:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    wrapped = f"Model execute error: Traceback (most recent call last):\n  File \"model.py\"\nTritonModelException: {text}\n"
+    assert pytriton_stub.read_verdict(wrapped, 3) == [None, [replies[1].message, True], ["internal error", False]]
+    assert pytriton_stub.read_verdict(wrapped, 2) is None and pytriton_stub.read_verdict("no verdict", 1) is None
+    assert pytriton_stub.VERDICT_MARKER == VERDICT_MARKER and pytriton_stub.INTERNAL_MESSAGE == INTERNAL_MESSAGE
 
 
 def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, pipe2):
@@ -451,8 +567,10 @@ def _corrupt(bundle: Path, dest: Path) -> Path:
 
 
 def test_serve_corrupted_bundle_never_ready(sd_bundle, tmp_path):
+    """`--backend pytriton` checks the bundle before any port opens (the default backend's model does it in
+    Triton: test_stock_corrupted_bundle_never_ready)."""
     bundle = _corrupt(sd_bundle[0], tmp_path / "corrupt")
-    server = Server(serve_argv(bundle), tmp_path / "log.txt")
+    server = Server(serve_argv(bundle, "--backend", "pytriton"), tmp_path / "log.txt")
     deadline = time.monotonic() + START_TIMEOUT_S
     while server.proc.poll() is None and time.monotonic() < deadline:
         assert not server.ready()
@@ -519,22 +637,10 @@ def test_stock_tritonserver_serves_export(stock, pipe2):
         client.close()
 
 
-def test_stock_bad_requests_fail_alone_in_their_batch(stock, pipe2):
-    check_bad_requests_fail_alone(stock, pipe2)
-
-
-def test_serve_python_backend_bad_requests_fail_alone(batch2_bundle, pipe2, tmp_path):
-    """`turbo-trt serve --backend python`: the exported repository on PyTriton's tritonserver."""
-    server = Server(serve_argv(batch2_bundle, "--backend", "python", "--max-queue-delay-us", "200000"),
-                    tmp_path / "log.txt")
-    try:
-        server.wait_ready()
-        check_bad_requests_fail_alone(server, pipe2)
-        assert server.stop() == 0
-        assert "ready" in server.log() and "stopped" in server.log()
-    finally:
-        if server.proc.poll() is None:
-            server.stop()
+@pytest.mark.parametrize("server_name", ["serve2", "pytriton2", "stock"],
+                         ids=["default-backend", "pytriton-backend", "stock-tritonserver"])
+def test_bad_request_fails_alone_in_its_batch(server_name, pipe2, batch2_bundle, request):
+    check_bad_requests_fail_alone(request.getfixturevalue(server_name), pipe2, batch2_bundle)
 
 
 def wait_for_metric(server: Server, condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -546,12 +652,14 @@ def wait_for_metric(server: Server, condition: Callable[[], bool], what: str, ti
         time.sleep(0.05)
 
 
-def check_bad_requests_fail_alone(server: Server, pipe2: TurboPipeline, attempts: int = 6) -> None:
-    """One good and one bad request sent at once, with a long batcher delay: once Triton ran them in ONE
-    execution (exec-count delta 1), the good one must have its image and the bad one its own error. Retried
-    (bounded) while the two arrive too far apart to share an execution on a loaded machine. Both send the
-    same inputs: Triton batches only requests that carry the same optional inputs."""
-    bad = [("", "must not be empty"), (b"\xc3\x28", "UTF-8")]
+def check_bad_requests_fail_alone(server: Server, pipe2: TurboPipeline, bundle: Path, attempts: int = 6) -> None:
+    """One good request (tritonclient) and one bad one (plain JSON) sent at once, with a long batcher delay:
+    once Triton ran them in ONE execution (exec-count delta 1), the good one must have its image and the bad
+    one its own clean error. Retried (bounded) while the two arrive too far apart to share an execution on a
+    loaded machine. Both send the same inputs: Triton batches only requests that carry the same optional
+    inputs."""
+    bad = [(request_arrays("", seed=1, steps=1), "prompt: must not be empty"),
+           (request_arrays("a cat", seed=1, steps=7), "steps: num_inference_steps must be an integer in 1..4")]
 
     def call(inputs: dict[str, Any]) -> np.ndarray:
         client = server.http_client()
@@ -563,22 +671,65 @@ def check_bad_requests_fail_alone(server: Server, pipe2: TurboPipeline, attempts
     executions = []
     for attempt in range(attempts):
         good = {"prompt": f"good {attempt}", "seed": attempt, "steps": 1}
-        bad_prompt, rule = bad[attempt % len(bad)]
+        arrays, rule = bad[attempt % len(bad)]
         count_before = server.metric("nv_inference_count")
         exec_before = server.metric("nv_inference_exec_count")
-        image, error = run_clients([lambda g=good: call(g), lambda b=bad_prompt: call({"prompt": b, "seed": 1, "steps": 1})])
+        image, error = run_clients([lambda g=good: call(g), lambda a=arrays: send_for_error(server, "json", a)])
         assert isinstance(image, np.ndarray), f"the good request failed beside a bad one: {image}"
         np.testing.assert_array_equal(image, alone(pipe2, **good))
-        assert isinstance(error, InferenceServerException), error
-        assert "prompt" in str(error) and rule in str(error), str(error)
-        wait_for_metric(server, lambda c=count_before: server.metric("nv_inference_count") - c >= 1,
-                        "the good request")
+        assert isinstance(error, tuple), error
+        status, message = error
+        assert status in CLIENT_ERROR and message.startswith(rule), (status, message[:600])
+        assert_clean(message, server_paths(bundle))
+        wait_for_metric(server, lambda c=count_before: server.metric("nv_inference_count") - c >= 2,
+                        "both requests")
         executions.append(server.metric("nv_inference_exec_count") - exec_before)
         if executions[-1] == 1:  # both ran in one execution: the bad one failed alone
             assert server.ready()
             return
     raise AssertionError(f"the good and the bad request never shared an execution in {attempts} tries "
                          f"(executions per try: {executions})")
+
+
+def test_internal_failure_answers_an_id_that_the_log_repeats(refit_bundle, tmp_path):
+    """A real fault under running servers of both backends: the bundle's UNet weights live in external data
+    that ONNX Runtime memory-maps, so overwriting that file after the servers are ready makes the UNet
+    produce NaN and the runner raise NonFiniteOutputError. Each client reads only the short message with an
+    id; the server log has the id beside the traceback; the server keeps answering."""
+    bundle = copy_bundle(refit_bundle, tmp_path / "bundle")
+    servers = {backend: Server(serve_argv(bundle, "--backend", backend), tmp_path / f"{backend}.log")
+               for backend in ("python", "pytriton")}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        client = servers["python"].http_client()
+        try:
+            infer(client, httpclient, prompt="fine before the fault", seed=1)
+        finally:
+            client.close()
+        weights = bundle / "onnx" / "unet.onnx.data"
+        with open(weights, "r+b") as handle:  # in place: the mapped pages change under the sessions
+            handle.write(b"\xff" * weights.stat().st_size)
+        for backend, server in servers.items():
+            ids = []
+            for protocol in ("json", "grpc", "json"):
+                status, message = send_for_error(server, protocol, request_arrays("a cat", seed=2))
+                match = INTERNAL_PATTERN.match(message)
+                assert match and message == INTERNAL_MESSAGE.format(id=match.group(1)), (backend, message[:600])
+                assert status in SERVER_ERROR, (backend, status)
+                ids.append(match.group(1))
+            assert len(set(ids)) == len(ids), f"{backend}: ids repeat: {ids}"
+            assert server.ready()
+            for error_id in ids:
+                deadline = time.monotonic() + 20  # the server's log reaches the file a moment after the reply
+                while (at := (log := server.log()).find(f"internal error (id {error_id})")) < 0:
+                    assert time.monotonic() < deadline, f"{backend}: id {error_id} not in the log:\n{log[-3000:]}"
+                    time.sleep(0.2)
+                entry = log[at:at + 6000]
+                assert "Traceback" in entry and "NonFiniteOutputError" in entry, (backend, entry[:3000])
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def test_stock_corrupted_bundle_never_ready(sd_bundle, tmp_path):
