@@ -1,4 +1,4 @@
-"""Serving overhead and throughput: `turbo-trt serve` (Triton via PyTriton) against the same images through
+"""Serving overhead and throughput: `turbo-trt serve` (`--backend`: python, the default, or pytriton) against the same images through
 `TurboPipeline` directly.
 
     python -m turbo_trt.benchmarks.serve_bench --engines engines/tiny-sd-turbo \\
@@ -64,9 +64,11 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-def _start_server(engines: Path, instances: int, executor: str, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def _start_server(engines: Path, instances: int, executor: str, log: Path,
+                  backend: str = "python") -> tuple[subprocess.Popen[bytes], int, int]:
     http, grpc, metrics = free_ports(3)
     argv = [sys.executable, "-m", "turbo_trt.cli", "serve", "--engines", str(engines), "--executor", executor,
+            "--backend", backend,
             "--instances", str(instances), "--address", "127.0.0.1", "--http-port", str(http),
             "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -150,7 +152,7 @@ def _direct_run(pipes: list[Any], threads_count: int, per_thread: int, steps: in
 
 
 def run(engines: Path, instances: list[int], clients: list[int], per_client: int, steps: int, executor: str,
-        log_dir: Path, note: str | None, rounds: int = 5) -> dict[str, Any]:
+        log_dir: Path, note: str | None, rounds: int = 5, backend: str = "python") -> dict[str, Any]:
     from turbo_trt.runner.pipeline import TurboPipeline
 
     load_before = os.getloadavg()
@@ -167,7 +169,7 @@ def run(engines: Path, instances: list[int], clients: list[int], per_client: int
     server_side: dict[str, float] = {}
     for n in instances:
         log = log_dir / f"serve-{n}.log"
-        proc, grpc_port, metrics_port = _start_server(engines, n, executor, log)
+        proc, grpc_port, metrics_port = _start_server(engines, n, executor, log, backend)
         try:
             _served_run(grpc_port, 1, 10, steps)  # warm the connection path
             if n == 1:
@@ -200,7 +202,7 @@ def run(engines: Path, instances: list[int], clients: list[int], per_client: int
         "environment": environment(),
         "bundle": {"path": str(engines), "model": pipe.bundle.manifest["model"].get("id"), "shapes": pipe.shapes},
         "executor": pipe.executor.name,
-        "settings": {"steps": steps, "requests_per_client": per_client, "protocol": "grpc",
+        "settings": {"backend": backend, "steps": steps, "requests_per_client": per_client, "protocol": "grpc",
                      "instances": instances, "clients": clients},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="alternating direct/served blocks at one client")
     parser.add_argument("--executor", default="auto")
+    parser.add_argument("--backend", choices=["python", "pytriton"], default="python",
+                        help="`turbo-trt serve --backend` (the recorded results before it existed used pytriton)")
     parser.add_argument("--note", default=None, help="free text recorded with the result (e.g. machine load)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--render", action="store_true",
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="turbo-trt-serve-bench-"))
     print(f"server logs: {log_dir}", file=sys.stderr)
     result = run(args.engines, args.instances, args.clients, args.requests_per_client, args.steps, args.executor,
-                 log_dir, args.note, args.rounds)
+                 log_dir, args.note, args.rounds, args.backend)
     atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     if args.report:
         atomic_write_bytes(args.report, markdown(result).encode())
