@@ -1,5 +1,5 @@
-"""Serving overhead and throughput: `turbo-trt serve` (`--backend`: python, the default, or pytriton) against the same images through
-`TurboPipeline` directly.
+"""Serving overhead and throughput: `turbo-trt serve` (`--backend`: python, the default, or pytriton) against
+the same images through `TurboPipeline` directly.
 
     python -m turbo_trt.benchmarks.serve_bench --engines engines/tiny-sd-turbo \\
         --json benchmarks/results/serve-tiny-sd-turbo-cpu.json --report benchmarks/results/serve-tiny-sd-turbo-cpu.md
