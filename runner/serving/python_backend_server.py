@@ -1,9 +1,9 @@
-"""`turbo-trt serve --backend python`: the exported repository (repository.py) served by the `tritonserver`
-binary that the PyTriton wheel ships, as a child process.
+"""`turbo-trt serve` (default `--backend python`): the exported repository (repository.py) served by the
+`tritonserver` binary that the PyTriton wheel ships, as a child process.
 
-Against the default PyTriton backend: each model instance is a Python-backend process of its own (the
-engines' weights are loaded once per instance, not shared by `fork()`), and every request of a dynamic
-batch gets its own answer, so a bad request fails alone. Readiness comes from Triton: the model's
+Against `--backend pytriton`: each model instance is a Python-backend process of its own (the engines'
+weights are loaded once per instance, not shared by `fork()`), and Triton's Python backend answers every
+request of a dynamic batch on its own, so a bad request fails alone. Readiness comes from Triton: the model's
 `initialize` checks the bundle and warms it up before Triton opens its endpoints. SIGINT/SIGTERM are passed
 on to tritonserver, which answers the requests in flight before it exits.
 """

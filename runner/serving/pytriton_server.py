@@ -110,7 +110,7 @@ def make_infer_func(pipe: Any, log: Callable[[str], None] | None = None,
         replies = answers(outcomes, write, model)
         if any(reply is not None for reply in replies):
             raise BatchVerdict(replies)
-        return [{"image": outcome[None]} for outcome in outcomes]
+        return [{"image": np.asarray(outcome)[None]} for outcome in outcomes]  # every outcome is an image here
 
     return infer
 
