@@ -309,6 +309,30 @@ def test_request_rules_name_the_field(pipe1):
     assert request.prompt == "naïve" and request.plan.mode == "img2img" and request.plan.runs == 1  # strength 0.5
 
 
+def test_answers_give_bad_requests_their_message_and_failures_an_id():
+    """One engine call's exception fails its requests under one id, logged once with its traceback; a bad
+    request keeps its message (one log line); a success gets no answer."""
+    from turbo_trt.runner.serving.errors import answers
+
+    def fail() -> None:
+        raise RuntimeError("engine exploded at /opt/secret/path")
+
+    try:
+        fail()
+    except RuntimeError as caught:
+        failure = caught
+    lines: list[str] = []
+    bad = RequestError("steps", "num_inference_steps must be an integer in 1..4, got 7")
+    replies = answers([np.zeros(1), bad, failure, failure], lines.append, "turbo")
+    assert replies[0] is None and replies[1] == Answer(str(bad), True)
+    assert replies[2] == replies[3] and replies[2] is not None and not replies[2].bad_request
+    match = INTERNAL_PATTERN.match(replies[2].message)
+    assert match and replies[2].message == INTERNAL_MESSAGE.format(id=match.group(1)) and "/opt" not in replies[2].message
+    assert lines[0] == f"turbo: request 2 of 4 refused: {bad}" and len(lines) == 2
+    assert lines[1].startswith(f"internal error (id {match.group(1)}) in turbo, request 3 of 4:\nTraceback")
+    assert "engine exploded at /opt/secret/path" in lines[1] and "in fail" in lines[1]
+
+
 def test_config_has_one_instance_group_per_gpu():
     text = config_pbtxt("turbo", 4, 512, 512, [0, 1, 2], 2, "tensorrt", "/b", 1000)
     assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 2 ]" in text and "count: 2" in text

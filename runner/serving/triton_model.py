@@ -92,20 +92,20 @@ class TritonPythonModel:
         try:
             outcomes = self._outcomes(requests)
             replies = answers(outcomes, pb.Logger.log_error, self.name, pb.Logger.log_info)
+            invalid = getattr(pb.TritonError, "INVALID_ARG", None)  # Python backends before 23.06 have no codes
+            responses = []
+            for outcome, reply in zip(outcomes, replies):
+                if reply is None:
+                    responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", outcome[None])]))
+                elif reply.bad_request and invalid is not None:
+                    responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message, invalid)))
+                else:
+                    responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message)))
+            return responses
         except Exception as exc:  # noqa: BLE001 - a failure outside the engine calls: every request gets its id
             message = log_internal(exc, new_error_id(), f"in {self.name}, a batch of {len(requests)}",
                                    pb.Logger.log_error)
             return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
-        invalid = getattr(pb.TritonError, "INVALID_ARG", None)  # Python backends before 23.06 have no codes
-        responses = []
-        for outcome, reply in zip(outcomes, replies):
-            if reply is None:
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", outcome[None])]))
-            elif reply.bad_request and invalid is not None:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message, invalid)))
-            else:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message)))
-        return responses
 
     def _outcomes(self, requests: list[Any]) -> list[Any]:
         """Each request's image (uint8 (H, W, 3)) or the exception that failed it."""
