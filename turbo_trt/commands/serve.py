@@ -41,7 +41,7 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="how long Triton's dynamic batcher waits to fill a batch (microseconds)")
     p.add_argument("--ignore-targets", action="store_true",
                    help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
-    p.add_argument("--backend", choices=["pytriton", "python"], default=d["backend"],
+    p.add_argument("--backend", choices=["python", "pytriton"], default=d["backend"],
                    help="python: the `export-triton` repository on the tritonserver binary PyTriton ships, one "
                         "Triton Python-backend process per instance, each with its own copy of the engines' "
                         "weights; pytriton: Triton bound to this process through PyTriton, instances are "
