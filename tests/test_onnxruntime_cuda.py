@@ -13,7 +13,14 @@ import pytest
 
 from turbo_trt.errors import ExecutorUnavailable
 from turbo_trt.runner.executors.onnxruntime import OnnxRuntimeExecutor
-from turbo_trt.runner.executors.onnxruntime_cuda import OnnxRuntimeCudaExecutor, cuda_unavailable_reason
+from turbo_trt.runner.executors.onnxruntime_cuda import (
+    CUDA_PROVIDER,
+    OnnxRuntimeCudaExecutor,
+    cuda_unavailable_reason,
+    probe_model,
+    run_options,
+    session_providers,
+)
 from turbo_trt.runner.pipeline import TurboPipeline
 
 from .conftest import VARIANTS, bundle_variant
@@ -57,6 +64,50 @@ def test_fork_has_its_own_buffers(pair):
     assert fork.executor.latents[0] is not ours.executor.latents[0]
     a = fork("a red boat", num_inference_steps=2, seed=3, output_type="np")
     np.testing.assert_array_equal(a, reference("a red boat", num_inference_steps=2, seed=3, output_type="np"))
+
+
+def test_cuda_reason_is_what_a_real_session_said():
+    """The reason comes from a one-node session that asked for the CUDA provider: ONNX Runtime's own words
+    (here, the CPU build's "not in available provider names") and the providers the session ran on."""
+    import onnxruntime as ort
+
+    reason = cuda_unavailable_reason()
+    assert reason is not None and "one-node session asking for CUDAExecutionProvider" in reason
+    assert "ran on CPUExecutionProvider" in reason or "failed (" in reason, reason
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        assert "is not in available provider names" in reason, reason  # ONNX Runtime's warning, word for word
+    else:  # a GPU build without usable CUDA libraries or GPU: the loader's or the driver's words
+        assert "loading libonnxruntime_providers_cuda.so fails" in reason or "no NVIDIA GPU" in reason, reason
+    session = ort.InferenceSession(probe_model(), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)  # the hand-written model is valid
+
+
+def test_cuda_sessions_search_convolutions_deterministically(pair):
+    """Every CUDA session asks cuDNN for its heuristic algorithm (not the timed EXHAUSTIVE default), with
+    and without graphs; the CPU twin's real sessions were created from the same function."""
+    for graphs in (True, False):
+        (name, options), = session_providers("cuda", graphs)
+        assert name == CUDA_PROVIDER and options["cudnn_conv_algo_search"] in ("HEURISTIC", "DEFAULT")
+        assert options["enable_cuda_graph"] == ("1" if graphs else "0")
+    _, ours = pair
+    assert [s.get_providers() for s in ours.executor.sessions.values()] == \
+        [session_providers("cpu", False)] * len(ours.executor.sessions)
+
+
+def test_every_run_waits_for_its_stream():
+    """Runs keep ONNX Runtime's end-of-run stream sync (the next in-place upload must not overwrite an input a
+    kernel still reads); the graph id is set only with graphs."""
+    import onnxruntime as ort
+
+    for graph_id in (None, 3):
+        options = run_options(ort, graph_id)
+        assert options.get_run_config_entry("disable_synchronize_execution_providers") == "0"
+        if graph_id is None:
+            with pytest.raises(RuntimeError, match="gpu_graph_id"):
+                options.get_run_config_entry("gpu_graph_id")
+        else:
+            assert options.get_run_config_entry("gpu_graph_id") == "3"
 
 
 def test_asking_for_cuda_without_it_names_what_is_missing(sd_bundle):
