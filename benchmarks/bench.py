@@ -328,7 +328,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
                    "family": manifest["model"]["family"], "shapes": manifest["shapes"],
                    "engine": manifest.get("engine")},
         "executor": executor,
-        "executor_choice": {"name": choice.name, "passed_over": choice.passed_over},
+        "executor_choice": {"name": choice.name, "passed_over": choice.passed_over, "notes": choice.notes},
         "device": gpu["name"] if gpu else "CPU",
         "settings": {"steps": opts.steps, "iterations": opts.iterations, "warmup": opts.warmup,
                      "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0},

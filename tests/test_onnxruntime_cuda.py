@@ -126,8 +126,30 @@ def test_auto_says_why_each_gpu_executor_was_passed_over(sd_bundle, capsys):
     assert choice.name == "onnxruntime" and pipe.executor.name == "onnxruntime"
     assert set(choice.passed_over) == {"tensorrt", "onnxruntime-cuda"}
     assert "GPU" in choice.passed_over["tensorrt"]  # the engines exist and TensorRT-RTX is installed
+    # TensorRT-RTX was asked (a real get_engine_validity on each plan header): without a GPU it answers INVALID
+    assert "get_engine_validity: INVALID for text_encoder, unet" in choice.passed_over["tensorrt"]
+    assert choice.notes["tensorrt"] in choice.passed_over["tensorrt"]
     assert choice.passed_over["onnxruntime-cuda"] == cuda_unavailable_reason()
     out = sd_bundle[0].parent / "auto.png"
     assert main(["generate", "--engines", str(sd_bundle[0]), "--prompt", "a cat", "--seed", "1", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "executor: onnxruntime; passed over: tensorrt (" in err and "onnxruntime-cuda (" in err
+
+
+def test_engine_validity_names_each_engine_and_flag(sd_bundle, tmp_path):
+    """TensorRT-RTX's header check per engine: a plan whose header is damaged is MALFORMED_ENGINE, the
+    others keep their own answer; what TensorRT-RTX logged is quoted."""
+    import shutil
+
+    from turbo_trt.flavors import load_flavor
+    from turbo_trt.manifest import read_manifest
+    from turbo_trt.runner.executor_choice import engine_validity
+
+    bundle = tmp_path / "damaged"
+    shutil.copytree(sd_bundle[0], bundle, ignore=shutil.ignore_patterns("*.lock", "onnx"))
+    manifest = read_manifest(bundle)
+    plan = bundle / manifest["components"]["unet"]["engine"]
+    plan.write_bytes(b"\0" * 4096 + plan.read_bytes()[4096:])
+    runs, text = engine_validity(bundle, manifest, load_flavor("tensorrt-rtx"))
+    assert not runs
+    assert "INVALID (MALFORMED_ENGINE) for unet" in text and "for text_encoder, vae_decoder" in text, text
