@@ -13,7 +13,8 @@ keep=${1:-}
 work=$(mktemp -d /tmp/turbo-trt-rehearsal.XXXXXX)
 [ "$keep" = --keep ] || trap 'rm -rf "$work"' EXIT
 cache=${TURBO_TRT_KIT_CACHE:-$HOME/.cache/turbo-trt/gpu-kit}
-export KIT=$work/kit OUT=$work/out CARRY_ROOT=$work/carries FULL_MODEL="--model tiny-sd-turbo --height 64 --width 64"
+export KIT=$work/kit OUT=$work/out CARRY_ROOT=$work/carries REHEARSAL=1
+export FULL_MODEL="--model tiny-sd-turbo --height 64 --width 64"
 mkdir -p "$OUT"
 echo "== rehearsal in $work"
 

@@ -117,20 +117,20 @@ EOF
       targets-current) executor=tensorrt; targets=(--targets current) ;;
       *) executor=onnxruntime-cuda; targets=() ;;
     esac
-    if [ $executor = tensorrt ]; then
+    if [ $executor = tensorrt ] || [ "${REHEARSAL:-0}" = 1 ]; then  # the rehearsal builds portable engines on the CPU
       t0=$(date +%s)
       timeout 420 python3 -m turbo_trt.cli build "${MODEL[@]}" --flavor tensorrt-rtx "${targets[@]}" \
         --out "$bundle" -q > "$KIT/build.log" 2>&1 || { note full "executor=\"$executor\"" --file "build_error=$KIT/build.log"; status=1; continue; }
-      note full "executor=\"$executor\"" "targets=\"${targets[*]:-portable}\"" "engine_build_s=$(( $(date +%s) - t0 ))" \
-        --file "build_log=$KIT/build.log"
-    else
+      note full "targets=\"${targets[*]:-portable}\"" "engine_build_s=$(( $(date +%s) - t0 ))" --file "build_log=$KIT/build.log"
+    fi
+    if [ $executor = onnxruntime-cuda ]; then
       reason=$(python3 -c "from turbo_trt.runner.executors.onnxruntime_cuda import cuda_unavailable_reason as r; print(r() or '')")
       if [ -n "$reason" ]; then
         note full "executor=null" "skipped=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "no GPU executor runs here: TensorRT-RTX did not (probe) and onnxruntime-cuda: $reason")"
         status=1; continue
       fi
-      note full "executor=\"$executor\""
     fi
+    note full "executor=\"$executor\""
     timeout 420 python3 -m turbo_trt.cli bench --engines "$bundle" --executor $executor --steps 1 --iterations 20 \
       --warmup 3 --quick --ignore-targets --json "$OUT/bench-sd-1step.json" --report "$OUT/bench-sd-1step.md" \
       --plot "$OUT/bench-sd-1step.png" > "$KIT/bench.log" 2>&1 || status=1
