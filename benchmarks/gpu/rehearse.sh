@@ -32,15 +32,14 @@ call() {  # call N PHASES...: what one `run` call does there: its carry folder a
   echo "== call with carry $folder: run.sh $*"
   bash benchmarks/gpu/run.sh "$@" 2>&1 | sed 's/^/   /'
 }
-n_base=$(ls -d "$work"/all/c[0-9]* | wc -l)
+# the calls of README.md, in order (both branches: the ONNX Runtime series too)
 call c1 env export
-for i in $(seq 2 "$n_base"); do call "c$i"; done
-call none probe tests
-for d in "$work"/all/o[0-9]*; do call "$(basename "$d")"; done
-call none ort full
+call c2 probe tests
+for d in "$work"/all/o[0-9]*; do call "$(basename "$d")" ort; done
+call none full
 
 echo "== 2. imports come from the unpacked site"
-PYTHONPATH=$KIT/site python3 - "$KIT/site" <<'EOF'
+(cd "$KIT/work" && PYTHONPATH=$KIT/site python3 - "$KIT/site" <<'EOF'
 import importlib, sys
 site = sys.argv[1]
 bad = []
@@ -57,6 +56,7 @@ print(f"   prebuilt tiny bundle opens: {bundle.manifest['model']['id']}, engines
       f"{bundle.manifest['engine']['version']}")
 sys.exit(1 if bad else 0)
 EOF
+)
 imports=$?
 
 echo "== 3. where each phase stopped (one line each)"
@@ -66,14 +66,14 @@ phases = json.load(open(sys.argv[1]))["phases"]
 def first(text): return str(text).strip().splitlines()[-1][:300] if str(text).strip() else ""
 lines = {
     "unpack": lambda p: "reached the end: " + "; ".join(first(l) for l in str(p.get("last", "")).splitlines()[-2:]),
-    "env": lambda p: f"reached the end; GPU: {(p.get('environment') or {}).get('device', {}) if isinstance(p.get('environment'), dict) else first(p.get('environment'))}",
+    "env": lambda p: f"reached the end; GPU: {p['environment'].get('gpu') if isinstance(p.get('environment'), dict) else first(p.get('environment'))}",
     "export": lambda p: f"background export started at {p.get('started')}" if p.get("started") else f"failed: {p}",
     "probe": lambda p: "; ".join(f"{k}: " + ("ran" if a.get("ran") else "needs a GPU at " + first(a.get("error", "?")))
                                  for k, a in (p.get("result") or {}).get("attempts", {}).items()),
-    "tests": lambda p: f"exit {p.get('result', {}).get('exit')}: " + "; ".join(
-        f"{k}: {v}" for k, v in list((p.get("result") or {}).get("tests", {}).items())[:3]),
+    "tests": lambda p: f"exit {p.get('result', {}).get('exit')}: " + " / ".join((p.get("result") or {}).get("last_lines", [])[-2:]),
     "ort": lambda p: "needs a GPU: " + first((p.get("result") or {}).get("cuda_unavailable_reason", p.get("result"))),
-    "full": lambda p: ("needs a GPU: " + first(p["skipped"])) if p.get("skipped") else first(p.get("error") or p.get("bench_log", "")),
+    "full": lambda p: (f"export done, engines built ({p.get('targets')}, {p.get('engine_build_s')} s); " if "engine_build_s" in p else "")
+                      + (("needs a GPU: " + first(p["skipped"])) if p.get("skipped") else first(p.get("error") or p.get("bench_log", ""))),
 }
 for name, phase in phases.items():
     try:

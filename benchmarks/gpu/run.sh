@@ -12,7 +12,7 @@
 # Each phase runs under `timeout` and adds to one summary JSON (kept in $KIT, copied to $OUT after each step),
 # so a call cut short still returns what it learned. At most 8 files go to $OUT.
 set -uo pipefail
-[ $# -gt 0 ] || { echo "usage: run.sh env|export|probe|tests|full|ort ..." >&2; exit 2; }
+# (no phase: only unpack what came with the call)
 KIT=${KIT:-/tmp/tt}
 OUT=${OUT:-$KIT/out}
 CARRY_ROOT=${CARRY_ROOT:-.gpu}  # where this call's carry folders are (c1, c2, ... o1, ...)
@@ -30,6 +30,11 @@ unpacked=$(kit unpack "${carries[@]}" --store "$KIT/store" --root "$KIT" 2>&1) |
 echo "$unpacked"
 kit link-package --repo . --site "$KIT/site" >/dev/null
 export PYTHONPATH=$KIT/site${PYTHONPATH:+:$PYTHONPATH}
+# Work from a folder without the repository's own turbo_trt/ (cwd comes first on sys.path, and pytest puts the
+# tests' root there): the linked package, with its runner/builder/benchmarks subpackages, is then the one imported.
+mkdir -p "$KIT/work"
+for entry in tests benchmarks pyproject.toml; do ln -sfn "$PWD/$entry" "$KIT/work/$entry"; done
+cd "$KIT/work"
 nvlib=$(kit nvidia-libs)  # the image's nvidia/*/lib (torch's CUDA 13, cuDNN 9): ONNX Runtime CUDA needs them
 export LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 note unpack "last=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$unpacked")" \
@@ -88,9 +93,10 @@ EOF
       --junitxml "$KIT/junit.xml" > "$OUT/test_gpu.log" 2>&1
     rc=$?
     tail -15 "$OUT/test_gpu.log"
-    python3 - "$KIT/junit.xml" "$b" "$rc" > "$KIT/tests.json" <<'EOF'
+    python3 - "$KIT/junit.xml" "$b" "$rc" "$OUT/test_gpu.log" > "$KIT/tests.json" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
-out = {"bundle": sys.argv[2], "exit": int(sys.argv[3]), "tests": {}}
+log = open(sys.argv[4], errors="replace").read().strip().splitlines()
+out = {"bundle": sys.argv[2], "exit": int(sys.argv[3]), "last_lines": log[-6:], "tests": {}}
 try:
     for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
         verdict = "passed"
