@@ -153,3 +153,35 @@ def test_engine_validity_names_each_engine_and_flag(sd_bundle, tmp_path):
     runs, text = engine_validity(bundle, manifest, load_flavor("tensorrt-rtx"))
     assert not runs
     assert "INVALID (MALFORMED_ENGINE) for unet" in text and "for text_encoder, vae_decoder" in text, text
+
+
+def test_gpu_build_without_cuda_libraries_names_the_missing_library(tmp_path):
+    """The defect's own case: onnxruntime-gpu in a site folder of its own, no CUDA libraries beside it or on
+    LD_LIBRARY_PATH. The reason quotes the loader's error for the CUDA provider library (a missing cuBLAS),
+    not a generic line. Needs the onnxruntime-gpu wheel for this Python in the GPU kit's wheel cache
+    (benchmarks/gpu/prepare.sh fetches the GPU machine's; `pip download --no-deps onnxruntime-gpu==1.31.1
+    -d ~/.cache/turbo-trt/gpu-kit/wheels` fetches this one)."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    from turbo_trt.benchmarks.gpu_kit import CACHE
+
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheels = sorted((CACHE / "wheels").glob(f"onnxruntime_gpu-*-{tag}-{tag}-*.whl"))
+    if not wheels:
+        pytest.skip(f"no onnxruntime-gpu wheel for {tag} in {CACHE / 'wheels'} (fetch one to run this test)")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        wheel.extractall(site, [n for n in wheel.namelist() if n.startswith("onnxruntime/")])
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(site)
+    code = (f"import onnxruntime as o; assert o.__file__.startswith({str(site)!r}), o.__file__\n"
+            "from turbo_trt.runner.executors.onnxruntime_cuda import cuda_unavailable_reason as r; print(r())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reason = done.stdout
+    assert "ran on CPUExecutionProvider" in reason
+    assert "loading libonnxruntime_providers_cuda.so fails: libcublas" in reason, reason  # the loader's words
+    assert "Failed to load library" in reason and "cannot open shared object file" in reason  # ONNX Runtime's log
