@@ -9,6 +9,8 @@
 #   full     (c) full-size SD-Turbo engines (TensorRT-RTX if the probe ran, else ONNX Runtime CUDA), then a
 #            quick 1-step bench against diffusers FP16 eager          -> bench-sd-1step.{json,md,png}
 #   ort      ONNX Runtime CUDA from the carried onnxruntime-gpu: can it start here, and why not
+# Timeouts (s): env 60, probe 300, tests 240, full: export wait 120 + engine build 200 + bench 240, ort 60; a call
+# whose phases add up past its timeout_s is cut there, and $OUT still holds the summary so far.
 # Each phase runs under `timeout` and adds to one summary JSON (kept in $KIT, copied to $OUT after each step),
 # so a call cut short still returns what it learned. At most 8 files go to $OUT.
 set -uo pipefail
@@ -83,13 +85,13 @@ EOF
     fi
     ;;
   probe)
-    timeout 360 python3 -m turbo_trt.benchmarks.rtx_probe "$OUT/rtx-probe.json" --bundle "$KIT/bundles/tiny-sd-turbo" \
+    timeout 300 python3 -m turbo_trt.benchmarks.rtx_probe "$OUT/rtx-probe.json" --bundle "$KIT/bundles/tiny-sd-turbo" \
       --work "$KIT/probe" 2>&1 | tail -20
     note probe --file "result=$OUT/rtx-probe.json"
     ;;
   tests)
     b=$(gpu_bundle)
-    TURBO_TRT_GPU_BUNDLE=$b timeout 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+    TURBO_TRT_GPU_BUNDLE=$b timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
       --junitxml "$KIT/junit.xml" > "$OUT/test_gpu.log" 2>&1
     rc=$?
     tail -15 "$OUT/test_gpu.log"
@@ -114,7 +116,7 @@ EOF
     ;;
   full)
     bundle=$KIT/engines/full
-    for _ in $(seq 1 60); do [ -f "$KIT/export.rc" ] && break; sleep 5; done  # the background export
+    for _ in $(seq 1 24); do [ -f "$KIT/export.rc" ] && break; sleep 5; done  # the background export
     if [ "$(cat "$KIT/export.rc" 2>/dev/null)" != 0 ]; then
       note full "error=\"export not finished or failed\"" --file "export_log=$KIT/export.log"; status=1; continue
     fi
@@ -125,7 +127,7 @@ EOF
     esac
     if [ $executor = tensorrt ] || [ "${REHEARSAL:-0}" = 1 ]; then  # the rehearsal builds portable engines on the CPU
       t0=$(date +%s)
-      timeout 420 python3 -m turbo_trt.cli build "${MODEL[@]}" --flavor tensorrt-rtx "${targets[@]}" \
+      timeout 200 python3 -m turbo_trt.cli build "${MODEL[@]}" --flavor tensorrt-rtx "${targets[@]}" \
         --out "$bundle" -q > "$KIT/build.log" 2>&1 || { note full "executor=\"$executor\"" --file "build_error=$KIT/build.log"; status=1; continue; }
       note full "targets=\"${targets[*]:-portable}\"" "engine_build_s=$(( $(date +%s) - t0 ))" --file "build_log=$KIT/build.log"
     fi
@@ -137,14 +139,14 @@ EOF
       fi
     fi
     note full "executor=\"$executor\""
-    timeout 420 python3 -m turbo_trt.cli bench --engines "$bundle" --executor $executor --steps 1 --iterations 20 \
+    timeout 240 python3 -m turbo_trt.cli bench --engines "$bundle" --executor $executor --steps 1 --iterations 20 \
       --warmup 3 --quick --ignore-targets --json "$OUT/bench-sd-1step.json" --report "$OUT/bench-sd-1step.md" \
       --plot "$OUT/bench-sd-1step.png" > "$KIT/bench.log" 2>&1 || status=1
     tail -25 "$KIT/bench.log"
     note full --file "bench_log=$KIT/bench.log"
     ;;
   ort)
-    timeout 120 python3 -c "
+    timeout 60 python3 -c "
 import json
 from turbo_trt.runner.executors.onnxruntime_cuda import cuda_unavailable_reason
 import onnxruntime as o
