@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class BenchOptions:
     baselines: tuple[str, ...] = ("diffusers",)  # "diffusers", "compile"
     peak_tflops: float | None = None
     strict_targets: bool = True
+    #: Quick mode for a short GPU lease: one runner (no forks) for throughput, and no cold starts in fresh
+    #: child processes (TensorRT-RTX's runtime-cache comparison); the timed images are as many as asked.
+    quick: bool = False
 
 
 def _peak_for(gpu: dict[str, Any] | None, given: float | None) -> tuple[float | None, str]:
@@ -277,6 +280,9 @@ def _runtime_cache_cold_starts(pipe: Any, opts: BenchOptions, log: Any) -> dict[
     engines = getattr(pipe.executor, "engines", None)
     if engines is None or getattr(engines, "cache", None) is None:
         return None
+    if opts.quick:
+        engines.save_runtime_cache()
+        return {"cache_file": str(engines.cache_file), "skipped": "quick mode: no cold starts in child processes"}
     from .cold_start import measure_in_child
 
     engines.save_runtime_cache()
@@ -316,6 +322,8 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
     checks = _checks(pipe, opts, before_timing)
     log("per-stage pass ...")
     stages = _stages(pipe, opts)
+    if opts.quick and opts.parallel > 1:
+        opts = replace(opts, parallel=1)
     log(f"throughput with 1..{opts.parallel} runners ...")
     throughput = _throughput(pipe, opts)
     manifest = pipe.bundle.manifest
@@ -328,10 +336,11 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
                    "family": manifest["model"]["family"], "shapes": manifest["shapes"],
                    "engine": manifest.get("engine")},
         "executor": executor,
-        "executor_choice": {"name": choice.name, "passed_over": choice.passed_over},
+        "executor_choice": {"name": choice.name, "passed_over": choice.passed_over, "notes": choice.notes},
         "device": gpu["name"] if gpu else "CPU",
         "settings": {"steps": opts.steps, "iterations": opts.iterations, "warmup": opts.warmup,
-                     "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0},
+                     "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0,
+                     "quick": opts.quick},
         "cold_start": cold,
         "cold_start_runtime_cache": _runtime_cache_cold_starts(pipe, opts, log),
         "load_host_peak_rss_mib": load_peak,

@@ -1,83 +1,154 @@
-"""Does TensorRT-RTX run on this GPU? Run THERE (the GPU machine): `python3 -m turbo_trt.benchmarks.rtx_probe OUT.json`.
+"""Does TensorRT-RTX run on this GPU? Run THERE (the GPU machine), phase (a) of benchmarks/gpu/run.sh:
 
-Builds the tiny SD-Turbo bundle twice with TensorRT-RTX on this machine (targets `current`, and the
-portable default that a CPU machine builds), then for each: the engine validity TensorRT-RTX reports,
-whether the engines deserialize, whether an image comes out, and whether it matches the ONNX Runtime CPU
-executor. Every outcome and message is recorded, whatever it is; the script itself only fails on a bug.
+    python3 -m turbo_trt.benchmarks.rtx_probe OUT.json --bundle PREBUILT_TINY_BUNDLE --work DIR
+
+Two attempts on the tiny SD-Turbo bundle, nothing exported here:
+1. `portable`: the prebuilt bundle as it travelled, its engines built on a CPU machine with TensorRT-RTX's
+   default (portable) targets;
+2. `targets-current`: a copy of it whose engines this machine compiles with `--targets current` from the
+   same ONNX (the builder rebuilds the engines only).
+For each: TensorRT-RTX's `get_engine_validity` answer (the function `auto` asks), `auto`'s choice and
+reasons, whether the engines deserialize, whether an image comes out, and how far it is from the ONNX
+Runtime CPU executor's; every error and warning word for word. The JSON is rewritten after each step, so
+a probe cut short by its timeout still says how far it got. The script itself only fails on a bug.
+On a machine without a GPU (the rehearsal) each attempt stops where a GPU is needed and says so.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
+ATTEMPTS = ("portable", "targets-current")
 
-def _attempt(bundle: Path) -> dict[str, Any]:
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+
+
+def _build_current(source: Path, bundle: Path) -> dict[str, Any]:
+    """Copy the prebuilt bundle and compile its engines for this GPU from the same ONNX."""
+    from turbo_trt.builder.build import build
+    from turbo_trt.builder.engine import EngineOptions
+    from turbo_trt.builder.options import BuildOptions
+    from turbo_trt.manifest import read_manifest
+    from turbo_trt.progress import Progress
+
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("*.lock", "runtime_cache"))
+    shapes = read_manifest(bundle)["shapes"]
+    start = time.perf_counter()
+    report = build(BuildOptions(model="tiny-sd-turbo", out=bundle, height=shapes["height"], width=shapes["width"],
+                                flavor="tensorrt-rtx", engine=EngineOptions(targets=("current",))),
+                   Progress(enabled=False))
+    return {"build_s": round(time.perf_counter() - start, 1), "exported": report.exported,
+            "engines_built": report.engines_built}
+
+
+def _attempt(bundle: Path, entry: dict[str, Any], save: Any) -> None:
     import numpy as np
 
     from turbo_trt.flavors import load_flavor
+    from turbo_trt.manifest import read_manifest
     from turbo_trt.runner import TurboPipeline
+    from turbo_trt.runner.executor_choice import choose_executor, engine_validity
 
-    out: dict[str, Any] = {}
-    trt = load_flavor("tensorrt-rtx").trt
-    plan = next(bundle.glob("unet*.plan"))
+    manifest = read_manifest(bundle)
+    entry["targets"] = manifest["engine"].get("targets")
     try:
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        validity = runtime.get_engine_validity(plan.read_bytes()[: runtime.engine_header_size])
-        out["engine_validity"] = str(validity)
+        entry["engine_validity"] = engine_validity(bundle, manifest, load_flavor("tensorrt-rtx"))[1]
     except Exception as exc:
-        out["engine_validity"] = f"query failed: {exc}"
+        entry["engine_validity"] = f"query failed: {type(exc).__name__}: {exc}"
+    try:
+        entry["auto"] = choose_executor(bundle, strict_targets=False).describe()
+    except Exception as exc:
+        entry["auto"] = f"failed: {type(exc).__name__}: {exc}"
+    save()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             start = time.perf_counter()
             pipe = TurboPipeline.from_bundle(bundle, executor="tensorrt", strict_targets=False)
-            out["load_s"] = round(time.perf_counter() - start, 3)
+            entry["load_s"] = round(time.perf_counter() - start, 3)
+            start = time.perf_counter()
             image = pipe("a photo of a cat", num_inference_steps=2, seed=3, output_type="np")
+            entry["first_image_s"] = round(time.perf_counter() - start, 3)
             ref = TurboPipeline.from_bundle(bundle, executor="onnxruntime")("a photo of a cat", num_inference_steps=2,
                                                                            seed=3, output_type="np")
             diff = np.abs(image.astype(int) - ref.astype(int))
-            out.update(ran=True, max_abs_diff_vs_onnxruntime_cpu=int(diff.max()),
-                       mean_abs_diff=round(float(diff.mean()), 4), graph_stats=pipe.executor.graph_stats(),
-                       memory=pipe.executor.memory_report())
+            entry.update(ran=True, max_abs_diff_vs_onnxruntime_cpu=int(diff.max()),
+                         mean_abs_diff=round(float(diff.mean()), 4), graph_stats=pipe.executor.graph_stats(),
+                         memory=pipe.executor.memory_report())
             pipe.close()
         except Exception as exc:
-            out.update(ran=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
-    out["warnings"] = [str(w.message) for w in caught]
-    return out
+            entry.update(ran=False, **_error(exc))
+    entry["warnings"] = [str(w.message) for w in caught]
+    save()
 
 
-def main(path: str) -> int:
-    from turbo_trt.builder.build import build
-    from turbo_trt.builder.engine import EngineOptions
-    from turbo_trt.builder.options import BuildOptions
+def probe(out: Path, bundle: Path, work: Path, attempts: tuple[str, ...] = ATTEMPTS) -> dict[str, Any]:
     from turbo_trt.gpu import current_gpu
-    from turbo_trt.progress import Progress
 
-    result: dict[str, Any] = {"gpu": current_gpu(), "bundles": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, targets in (("targets-current", ("current",)), ("portable-default", ())):
-            bundle = Path(tmp) / label
-            entry: dict[str, Any] = {"targets": list(targets) or "default"}
-            try:
-                start = time.perf_counter()
-                build(BuildOptions(model="tiny-sd-turbo", out=bundle, height=64, width=64, flavor="tensorrt-rtx",
-                                   engine=EngineOptions(targets=targets)), Progress(enabled=False))
-                entry["build_s"] = round(time.perf_counter() - start, 1)
-                entry.update(_attempt(bundle))
-            except Exception as exc:
-                entry.update(built=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
-            result["bundles"][label] = entry
-            print(label, json.dumps({k: v for k, v in entry.items() if k != "traceback"})[:1500], flush=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    result: dict[str, Any] = {"gpu": current_gpu(), "prebuilt_bundle": str(bundle), "attempts": {}}
+    try:
+        import tensorrt_rtx
+
+        result["tensorrt_rtx"] = tensorrt_rtx.__version__
+    except Exception as exc:
+        result["tensorrt_rtx"] = f"import failed: {type(exc).__name__}: {exc}"
+    work.mkdir(parents=True, exist_ok=True)
+    for label in attempts:
+        entry: dict[str, Any] = {}
+        result["attempts"][label] = entry
+        save = lambda: _write(out, result)  # noqa: E731
+        target = work / label
+        try:
+            if label == "portable":
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("*.lock", "runtime_cache"))
+            else:
+                entry.update(_build_current(bundle, target))
+            entry["bundle"] = str(target)
+            save()
+            _attempt(target, entry, save)
+        except Exception as exc:
+            entry.update(built=False, **_error(exc))
+        save()
+        print(label, json.dumps({k: v for k, v in entry.items() if k != "traceback"})[:1500], flush=True)
+    ran = [label for label in attempts if result["attempts"][label].get("ran")]
+    result["runs"] = ran
+    result["verdict"] = (f"TensorRT-RTX runs here ({', '.join(ran)})" if ran else
+                         "TensorRT-RTX does not run here: see each attempt's error")
+    _write(out, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--bundle", type=Path, required=True, help="the prebuilt tiny SD-Turbo bundle")
+    parser.add_argument("--work", type=Path, required=True, help="where the attempts' bundle copies go")
+    parser.add_argument("--attempts", nargs="+", choices=ATTEMPTS, default=list(ATTEMPTS))
+    args = parser.parse_args(argv)
+    result = probe(args.out, args.bundle, args.work, tuple(args.attempts))
+    print(result["verdict"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "rtx-probe.json"))
+    sys.exit(main())

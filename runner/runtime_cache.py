@@ -8,15 +8,23 @@ sha256: it is a cache that TensorRT-RTX itself validates, rebuilt whenever it is
 
 Several processes may share a bundle: a reader takes a shared lock, a writer an exclusive one and writes
 temp + rename, so a reader sees either the old file or the new one, never a torn one.
+
+Within a process, `RuntimeCacheFile` is what an EngineSet saves through: the cache is serialized while no
+context runs (the engines' readers-writer lock held exclusive: forks in other threads may be compiling
+kernels into the same cache), and the file is written only when the serialized bytes differ from what was
+loaded or last written (a sha256 is kept), so closing executors and repeated saves rewrite nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from turbo_trt.fsutil import atomic_write_bytes
 
@@ -61,3 +69,50 @@ def write_cache(path: Path, data: bytes) -> bool:
     except OSError:
         return False
     return True
+
+
+class RuntimeCacheFile:
+    """One process's view of a bundle's runtime-cache file: load once, save only what changed.
+
+    `save(serialize, exclusive)` calls `serialize()` inside `exclusive` (a context manager that keeps every
+    context of the engines from running), then writes the bytes atomically under the file lock unless they
+    equal what was loaded or last written. `mark_changed()` records that kernels were compiled, for a later
+    `save_if_changed` from a place that holds no image lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest: str | None = None  # sha256 of the bytes loaded or last written
+        self.writes = 0  # files written by this object
+        self.pending = False  # kernels compiled since the last save
+        self._lock = threading.Lock()  # one save at a time within the process
+
+    def load(self) -> bytes | None:
+        data = read_cache(self.path)
+        self.digest = hashlib.sha256(data).hexdigest() if data else None
+        return data
+
+    def mark_changed(self) -> None:
+        self.pending = True
+
+    def save(self, serialize: Callable[[], Any], exclusive: contextlib.AbstractContextManager[Any]) -> bool:
+        """True when the file holds the current cache afterwards (written now, or unchanged); False when there
+        was nothing to serialize or the bundle directory is not writable."""
+        with self._lock:
+            with exclusive:
+                self.pending = False
+                blob = serialize()
+                data = bytes(memoryview(blob)) if blob is not None else b""
+            if not data:
+                return False
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == self.digest:
+                return True
+            if not write_cache(self.path, data):
+                return False
+            self.digest = digest
+            self.writes += 1
+            return True
+
+    def save_if_changed(self, serialize: Callable[[], Any],
+                        exclusive: contextlib.AbstractContextManager[Any]) -> bool:
+        return self.save(serialize, exclusive) if self.pending else False

@@ -103,6 +103,17 @@ def test_bench_report_on_tiny_bundle(sd_bundle, tmp_path):
     assert "speedup vs diffusers eager" in done.stdout
 
 
+def test_quick_bench_uses_one_runner(sd_bundle):
+    """--quick (the GPU kit's mode): throughput with the main runner only, and the setting recorded."""
+    from turbo_trt.benchmarks.bench import BenchOptions, run_bench
+
+    result = run_bench(BenchOptions(engines=sd_bundle[0], iterations=2, warmup=0, parallel=3, baselines=(),
+                                    quick=True), log=lambda message: None)
+    assert [t["runners"] for t in result["throughput"]] == [1]
+    assert result["settings"]["quick"] is True and result["settings"]["parallel"] == 1
+    assert len(result["samples_ms"]) == 2
+
+
 def test_check_lines_say_when_graph_replay_differs():
     from turbo_trt.benchmarks.report import check_lines
 

@@ -1,6 +1,7 @@
 """Tier 2: the GPU executors on a real NVIDIA GPU (skipped without one).
 
-Builds the tiny SD bundle on this GPU with the installed flavor, then checks, for the TensorRT executor and
+Builds the tiny SD bundle on this GPU with the installed flavor (or, with TURBO_TRT_GPU_BUNDLE set, uses that
+prebuilt bundle: the GPU kit carries one, so nothing is exported there), then checks, for the TensorRT executor and
 (where onnxruntime-gpu is installed) the ONNX Runtime CUDA executor: output against the ONNX Runtime CPU
 executor, CUDA-graph replay against plain enqueue bit for bit (1, 2, 4 steps, txt2img and img2img), no
 device allocation per image, the prompt cache, forks in threads, and an injected failure that leaves the
@@ -27,8 +28,13 @@ if current_gpu() is None:
 @pytest.fixture(scope="module")
 def gpu_bundle(tmp_path_factory):
     """The tiny bundle, with engines of the installed flavor built on this GPU (ONNX only without one:
-    the ONNX Runtime CUDA executor still runs)."""
+    the ONNX Runtime CUDA executor still runs); a copy of TURBO_TRT_GPU_BUNDLE when that is set."""
+    import os
+    import shutil
+
     out = tmp_path_factory.mktemp("gpu") / "tiny-sd-turbo"
+    if os.environ.get("TURBO_TRT_GPU_BUNDLE"):
+        return shutil.copytree(os.environ["TURBO_TRT_GPU_BUNDLE"], out, ignore=shutil.ignore_patterns("*.lock"))
     flavors = installed_flavors()
     quiet_build(tiny_options("tiny-sd-turbo", out, flavor=flavors[0] if flavors else None, onnx_only=not flavors))
     return out
@@ -194,11 +200,78 @@ def test_injected_failure_leaves_executor_usable(gpu_bundle, trt_pipe):
 
 
 def test_runtime_cache_written_beside_the_engines(gpu_bundle, trt_pipe):
+    import os
+
     engines = trt_pipe.executor.engines
     if engines.cache is None:
         pytest.skip(f"{engines.flavor.name} has no runtime cache")
     trt_pipe("cache", num_inference_steps=1, seed=0, output_type="np")
     assert engines.save_runtime_cache() and engines.cache_file.stat().st_size > 0
+    writes, inode = engines.cache_store.writes, os.stat(engines.cache_file).st_ino
+    trt_pipe("cache", num_inference_steps=1, seed=0, output_type="np")  # nothing new to compile
+    assert engines.save_runtime_cache() and engines.cache_store.writes == writes
+    assert os.stat(engines.cache_file).st_ino == inode  # not rewritten
+
+
+def test_auto_asked_tensorrt_rtx_for_engine_validity(gpu_bundle):
+    """`auto` records TensorRT-RTX's get_engine_validity answer for this GPU, and chooses tensorrt only when
+    every engine is VALID or SUBOPTIMAL (else it falls back and says why)."""
+    from turbo_trt.manifest import read_manifest
+    from turbo_trt.runner.executor_choice import choose_executor
+
+    _need_tensorrt()
+    if read_manifest(gpu_bundle)["engine"]["flavor"] != "tensorrt-rtx":
+        pytest.skip("engine validity is TensorRT-RTX's")
+    choice = choose_executor(gpu_bundle, strict_targets=False)
+    note = choice.notes["tensorrt"]
+    assert "get_engine_validity:" in note
+    valid = all(word in ("VALID", "SUBOPTIMAL") for word in _validity_words(note))
+    assert (choice.name == "tensorrt") == valid, choice.describe()
+    if not valid:
+        assert note in choice.passed_over["tensorrt"]
+
+
+def _validity_words(note: str) -> list[str]:
+    import re
+
+    return re.findall(r"\b(VALID|SUBOPTIMAL|INVALID)\b", note.split(" (log:")[0])
+
+
+def test_onnxruntime_cuda_sessions_use_heuristic_conv_search(gpu_bundle):
+    """Read back from ONNX Runtime what each CUDA session runs with: cuDNN's heuristic algorithm choice."""
+    pipe = _cuda_pipe(gpu_bundle)
+    for name, session in pipe.executor.sessions.items():
+        options = session.get_provider_options()["CUDAExecutionProvider"]
+        assert options["cudnn_conv_algo_search"] == "HEURISTIC", (name, options)
+
+
+def test_onnxruntime_cuda_upload_complete_before_run():
+    """A 64 MiB pageable upload (`update_inplace`) read at once by a run on the session's own stream: the run
+    always sees the whole new array (ONNX Runtime syncs after its cudaMemcpy; see the executor's docstring)."""
+    import onnxruntime as ort
+
+    from turbo_trt.runner.executors.onnxruntime_cuda import (
+        cuda_unavailable_reason,
+        probe_model,
+        run_options,
+        session_providers,
+    )
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"onnxruntime-cuda: {reason}")
+    n = 16 << 20
+    session = ort.InferenceSession(probe_model(n), providers=session_providers("cuda", graphs=False))
+    x = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", x)
+    binding.bind_ortvalue_output("y", y)
+    for i in range(8):
+        values = np.full(n, i + 1, np.float32)  # a fresh pageable array each time
+        x.update_inplace(values)
+        session.run_with_iobinding(binding, run_options(ort, None))
+        np.testing.assert_array_equal(y.numpy(), 2 * values)
 
 
 def test_prompt_cache_on_device(trt_pipe):

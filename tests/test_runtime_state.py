@@ -1,5 +1,6 @@
 """Small state machines of the GPU path that need no GPU: the prompt cache's two-phase slot use (a failed
-run must not leave a slot that later serves a hit) and the runtime-cache file (atomic, locked)."""
+run must not leave a slot that later serves a hit) and the runtime-cache file (atomic, locked, serialized
+while no context runs, written only when changed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 from turbo_trt.runner.cache import SlotLRU
-from turbo_trt.runner.runtime_cache import cache_path, read_cache, write_cache
+from turbo_trt.runner.runtime_cache import RuntimeCacheFile, cache_path, read_cache, write_cache
 
 
 def test_next_slot_is_what_assign_returns_and_changes_nothing():
@@ -79,3 +80,53 @@ def test_cold_start_child_process_reports_each_phase(sd_bundle):
     assert cold["total_s"] > cold["first_run_s"] > 0 and cold["runtime_cache_loaded"] is False
     broken = measure_in_child(sd_bundle[0].parent / "missing", "onnxruntime", 1, True, True, timeout=300)
     assert "missing" in broken["error"]
+
+
+def test_runtime_cache_serialized_while_no_context_runs_and_written_only_when_changed(tmp_path):
+    """Three forks compile kernels into one cache (each entry lands in two writes, as an image's JIT work
+    does, under the engines' lock held shared) while a fourth thread keeps saving through RuntimeCacheFile
+    with the same lock: every file written holds whole entries only. Saving with nothing new writes nothing
+    (same inode: no rename), a reload of equal bytes writes nothing, and new bytes are written."""
+    import os
+    import threading
+    import time
+
+    from turbo_trt.runner.rwlock import ReadWriteLock
+
+    path = cache_path(tmp_path, "gpu", "1.0")
+    store = RuntimeCacheFile(path)
+    assert store.load() is None and store.save_if_changed(bytes, ReadWriteLock().exclusive()) is False
+    lock = ReadWriteLock()
+    cache = bytearray()
+
+    def compile_kernels() -> None:
+        for _ in range(60):
+            with lock.shared():
+                cache.extend(b"<")
+                time.sleep(0.0005)  # the entry is half-written here
+                cache.extend(b">")
+                store.mark_changed()
+
+    forks = [threading.Thread(target=compile_kernels) for _ in range(3)]
+    for fork in forks:
+        fork.start()
+    files = 0
+    while any(fork.is_alive() for fork in forks):
+        if store.save_if_changed(lambda: bytes(cache), lock.exclusive()):
+            data = read_cache(path)
+            assert data is not None and data.count(b"<") == data.count(b">"), data  # whole entries only
+            files += 1
+    for fork in forks:
+        fork.join()
+    assert store.save(lambda: bytes(cache), lock.exclusive()) and read_cache(path) == bytes(cache)
+    assert cache.count(b"<") == cache.count(b">") == 180
+    assert files > 0 and store.writes >= 2 and not store.pending
+    writes, inode = store.writes, os.stat(path).st_ino
+    assert store.save(lambda: bytes(cache), lock.exclusive())  # unchanged: True, nothing written
+    assert store.save_if_changed(lambda: bytes(cache), lock.exclusive()) is False  # nothing compiled since
+    assert store.writes == writes and os.stat(path).st_ino == inode
+    again = RuntimeCacheFile(path)  # another process's load: equal bytes are not rewritten either
+    assert again.load() == bytes(cache) and again.save(lambda: bytes(cache), ReadWriteLock().exclusive())
+    assert again.writes == 0 and os.stat(path).st_ino == inode
+    assert again.save(lambda: bytes(cache) + b"<>", ReadWriteLock().exclusive()) and again.writes == 1
+    assert read_cache(path) == bytes(cache) + b"<>"

@@ -18,14 +18,40 @@ a hit uploads them in place of running the text encoders.
 
 `device="cpu"` runs the same bindings on the CPU provider: that is how the binding logic is tested on a
 machine without a GPU.
+
+Determinism. Every session asks cuDNN for its heuristic convolution algorithm (`cudnn_conv_algo_search`
+HEURISTIC, see `cuda_provider_options`), not ONNX Runtime's default timed search, so on one GPU with one set
+of library versions:
+- bit for bit equal: images of two sessions of one bundle (a fork, a session re-created without graphs,
+  another process), and CUDA-graph replay against plain runs (tests/test_gpu.py checks both);
+- within a tolerance (at most 3 levels of 255, mean below 0.5, the same bound as TensorRT): images against
+  ONNX Runtime on the CPU, against TensorRT, and across GPU models or library versions.
+
+Uploads. `OrtValue.update_inplace` from host memory is complete when it returns: ONNX Runtime copies with
+`cudaMemcpy` and then synchronizes the legacy default stream (`cudaMemcpy_HostToDevice` in its CUDA
+provider, onnxruntime/core/providers/cuda/cuda_provider_factory.cc, added by microsoft/onnxruntime#9841
+because a pageable `cudaMemcpy` may return before the DMA lands while sessions compute on non-blocking
+streams). And each `run_with_iobinding` returns only after the session's stream is synchronized
+(`run_options`), so an upload never overwrites a buffer a kernel still reads. Staging through pinned
+buffers would only shorten copies of a few kilobytes (ids, noise, coefficients); tests/test_gpu.py checks
+the ordering on a GPU with a 64 MiB upload read at once by a run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import io
+import os
+import re
+import sys
+import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,21 +77,185 @@ class GraphFallbackWarning(RuntimeWarning):
     """A session could not use CUDA graphs and runs without them."""
 
 
+def cuda_provider_options(graphs: bool, device_id: int = 0) -> dict[str, str]:
+    """The CUDA execution provider's options for every session of this executor (and the probe session).
+
+    `cudnn_conv_algo_search`: HEURISTIC. ONNX Runtime's default, EXHAUSTIVE, times every cuDNN algorithm
+    at a session's first run and keeps the fastest: timings are noisy, so two sessions of one graph (a fork,
+    a re-created session) may keep different algorithms and give images a few levels apart, and the first
+    full-size run spends a long time searching. HEURISTIC takes cuDNN's heuristic choice, a function of the
+    shapes, the GPU and the library versions alone, so every session of one graph on one machine runs the
+    same convolution kernels.
+    """
+    return {"device_id": str(device_id), "enable_cuda_graph": "1" if graphs else "0",
+            "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def session_providers(device: str, graphs: bool) -> list[Any]:
+    """The provider list every session of the executor is created with."""
+    if device == "cuda":
+        return [(CUDA_PROVIDER, cuda_provider_options(graphs))]
+    return ["CPUExecutionProvider"]
+
+
+def run_options(ort: Any, graph_id: int | None) -> Any:
+    """RunOptions for one session run. `disable_synchronize_execution_providers` is left at "0" on purpose
+    (written out so it is visible): the run returns only once the CUDA stream of the session is
+    synchronized, so no kernel still reads an input buffer when the next `update_inplace` overwrites it."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "0")
+    if graph_id is not None:
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
+def nvidia_library_dirs() -> list[Path]:
+    """Folders `nvidia/<package>/lib` of the nvidia-* wheels (torch's CUDA and cuDNN) on sys.path, in
+    sys.path order: where the CUDA provider's libraries are when onnxruntime-gpu sits in another site."""
+    import site
+
+    roots = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
+    found: list[Path] = []
+    for root in roots:
+        for lib in sorted(Path(root or ".").glob("nvidia/*/lib")):
+            resolved = lib.resolve()
+            if resolved.is_dir() and resolved not in found:
+                found.append(resolved)
+    return found
+
+
+_PRELOAD_LOCK = threading.Lock()
+_preload_report: list[str] = []
+
+
+def preload_cuda_libraries(ort: Any) -> list[str]:
+    """Load CUDA and cuDNN from every `nvidia/*/lib` folder found (ONNX Runtime's own `preload_dlls`, given
+    each folder), so the CUDA provider finds them whether onnxruntime-gpu sits beside them or not.
+
+    `preload_dlls()` without a directory looks in `nvidia/...` beside the onnxruntime package only, which
+    misses torch's libraries when onnxruntime-gpu is installed in another site folder. Returns what
+    preload_dlls printed (its failures), once per process."""
+    with _PRELOAD_LOCK:
+        if _preload_report or not hasattr(ort, "preload_dlls"):
+            return _preload_report
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            dirs = nvidia_library_dirs()
+            for lib in dirs:
+                cuda = any(lib.glob("libcudart.so.*")) or any(lib.glob("libcublas*.so.*"))
+                cudnn = any(lib.glob("libcudnn.so.*"))
+                if cuda or cudnn:
+                    try:
+                        ort.preload_dlls(cuda=cuda, cudnn=cudnn, directory=str(lib))
+                    except Exception as exc:  # an older preload_dlls without `directory`
+                        print(f"preload_dlls(directory={lib}) failed: {exc}")
+            if not dirs:
+                ort.preload_dlls()
+        _preload_report.extend(line for line in printed.getvalue().splitlines() if line.strip())
+        _preload_report.append(f"nvidia library folders: {', '.join(map(str, dirs)) or 'none found'}")
+        return _preload_report
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int) -> bytes:
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def probe_model(size: int = 4) -> bytes:
+    """A one-node ONNX model (y = x + x, float32[size]), protobuf written out by hand so the run stage needs
+    no `onnx` package: enough for ONNX Runtime to place a kernel on the CUDA provider."""
+    def value_info(name: str) -> bytes:
+        dim = _field(1, _field(1, size))  # TensorShapeProto.dim { dim_value: size }
+        tensor = _field(1, 1) + _field(2, dim)  # elem_type FLOAT, shape
+        return _field(1, name.encode()) + _field(2, _field(1, tensor))
+
+    node = _field(1, b"x") + _field(1, b"x") + _field(2, b"y") + _field(3, b"add") + _field(4, b"Add")
+    graph = _field(1, node) + _field(2, b"probe") + _field(11, value_info("x")) + _field(12, value_info("y"))
+    opset = _field(1, b"") + _field(2, 13)
+    return _field(1, 8) + _field(2, b"turbo-trt") + _field(7, graph) + _field(8, opset)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[io.StringIO]:
+    """ONNX Runtime's C++ log (why a provider library did not load) goes to file descriptor 2: read it."""
+    text = io.StringIO()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield text
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text.write(sink.read().decode(errors="replace"))
+
+
+@functools.lru_cache(maxsize=1)
 def cuda_unavailable_reason() -> str | None:
-    """Why the ONNX Runtime CUDA provider cannot run here, or None when it can."""
+    """Why the ONNX Runtime CUDA provider cannot run here, or None when it can.
+
+    Opens a real one-node session asking for the CUDA provider (after `preload_cuda_libraries`) and reports
+    what ONNX Runtime said when it fell back: its warnings, its log, and the loader's error for the CUDA
+    provider library. Computed once per process."""
     try:
         import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed (pip install 'turbo-trt[onnxruntime-cuda]')"
+    except ImportError as exc:
+        return f"onnxruntime is not installed ({exc}); pip install 'turbo-trt[onnxruntime-cuda]'"
+    version = getattr(ort, "__version__", "?")
+    preloaded = preload_cuda_libraries(ort) if CUDA_PROVIDER in ort.get_available_providers() else []
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = [(CUDA_PROVIDER, cuda_provider_options(graphs=False)), "CPUExecutionProvider"]
+    with warnings.catch_warnings(record=True) as caught, _stderr_captured() as log:
+        warnings.simplefilter("always")
+        try:
+            session = ort.InferenceSession(probe_model(), options, providers=providers)
+            ran_on = session.get_providers()
+            error = None
+        except Exception as exc:
+            ran_on, error = [], f"{type(exc).__name__}: {exc}"
+    if error is None and ran_on and ran_on[0] == CUDA_PROVIDER:
+        return None
+    said = [str(w.message).strip() for w in caught]
+    said += [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.getvalue().splitlines() if line.strip()]
+    parts = [f"onnxruntime {version}: a one-node session asking for {CUDA_PROVIDER} "
+             + (f"failed ({error})" if error else f"ran on {', '.join(ran_on)}")]
+    if said:
+        parts.append("ONNX Runtime said: " + " | ".join(dict.fromkeys(said)))
     if CUDA_PROVIDER not in ort.get_available_providers():
-        return (f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (available: "
-                f"{', '.join(ort.get_available_providers())}); install the GPU build: pip uninstall onnxruntime "
-                "&& pip install 'turbo-trt[onnxruntime-cuda]'")
-    from turbo_trt.gpu import current_gpu
+        parts.append(f"this onnxruntime is a build without {CUDA_PROVIDER} (available: "
+                     f"{', '.join(ort.get_available_providers())}); install the GPU build: pip uninstall "
+                     "onnxruntime && pip install 'turbo-trt[onnxruntime-cuda]'")
+    else:
+        library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+        if library.is_file():
+            try:
+                ctypes.CDLL(str(library))
+            except OSError as exc:
+                parts.append(f"loading {library.name} fails: {exc}; put the folders nvidia/*/lib of the CUDA 13 / "
+                             "cuDNN 9 wheels on LD_LIBRARY_PATH (or pip install 'onnxruntime-gpu[cuda,cudnn]')")
+        parts += [f"preload: {line}" for line in preloaded]
+        from turbo_trt.gpu import current_gpu
 
-    if current_gpu() is None:
-        return "no NVIDIA GPU is visible (cuda-python and nvidia-smi found none)"
-    return None
+        if current_gpu() is None:
+            parts.append("no NVIDIA GPU is visible (cuda-python and nvidia-smi found none)")
+    return "; ".join(parts)
 
 
 class OnnxRuntimeCudaExecutor(Executor):
@@ -82,8 +272,6 @@ class OnnxRuntimeCudaExecutor(Executor):
                 raise ExecutorUnavailable(f"the onnxruntime-cuda executor cannot run: {reason}")
         elif device != "cpu":
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-        if device == "cuda" and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels (torch's, or onnxruntime-gpu[cuda,cudnn])
         self.ort = ort
         self.device = device
         self.cuda_graphs = cuda_graphs and device == "cuda"
@@ -106,13 +294,9 @@ class OnnxRuntimeCudaExecutor(Executor):
         ort = self.ort
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.device == "cuda":
-            providers: list[Any] = [(CUDA_PROVIDER, {"device_id": 0, "enable_cuda_graph": "1" if graphs else "0"})]
-        else:
-            providers = ["CPUExecutionProvider"]
         path = self.bundle.path / self.bundle.component(name)["onnx"]
         try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=session_providers(self.device, graphs))
         except Exception as exc:
             if not graphs:
                 raise
@@ -183,9 +367,7 @@ class OnnxRuntimeCudaExecutor(Executor):
     # -- per image ----------------------------------------------------------------------------------------
     def _run(self, name: str, index: int, timings: Timings | None = None, label: str | None = None) -> None:
         start = time.perf_counter()
-        options = self.ort.RunOptions()
-        if self.graphs[name]:
-            options.add_run_config_entry("gpu_graph_id", str(index + 1))
+        options = run_options(self.ort, index + 1 if self.graphs[name] else None)
         try:
             self.sessions[name].run_with_iobinding(self.bindings[name][index], options)
         except Exception as exc:

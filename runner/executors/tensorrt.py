@@ -181,7 +181,7 @@ class TensorRTExecutor(Executor):
             self._execute(program)
             cuda.synchronize(self.stream)
             self._warm |= needed
-            self.engines.save_runtime_cache()  # the JIT has compiled these contexts' kernels
+            self.engines.runtime_cache_changed()  # the JIT compiled these contexts' kernels: saved after the image
         try:
             self._check_capturable(plan)
             cuda.begin_capture(self.stream)
@@ -259,7 +259,9 @@ class TensorRTExecutor(Executor):
 
     def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
         with self.engines.use_lock.shared():
-            return self._run(ids, plan, noise, image)
+            result = self._run(ids, plan, noise, image)
+        self.engines.save_runtime_cache_if_changed()  # outside the image: it waits for other forks' images
+        return result
 
     def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
         self._check_usable()
@@ -342,6 +344,7 @@ class TensorRTExecutor(Executor):
             if self.use_graphs:
                 for with_encoders in (True, False):
                     self._graph(plan, with_encoders)
+        self.engines.save_runtime_cache_if_changed()
 
     def fork(self) -> TensorRTExecutor:
         return TensorRTExecutor(self.engines, self.cache_size, self.use_graphs)

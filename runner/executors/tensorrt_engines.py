@@ -8,7 +8,8 @@
   another on one stream), sized to the largest need. TensorRT-RTX engines built with REQUIRE_USER_ALLOCATION
   expect exactly that before their enqueues can be stream-captured.
 - TensorRT-RTX's runtime (JIT kernel) cache is loaded from the bundle's `runtime_cache/` and attached to
-  every context; `save_runtime_cache()` writes it back (see runner/runtime_cache.py).
+  every context; `save_runtime_cache()` serializes it while no context of any fork runs (`use_lock`
+  exclusive) and writes the file only when its bytes changed (see runner/runtime_cache.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from turbo_trt.io_contract import TensorIO, check_io
 
 from .. import cuda
 from ..bundle import Bundle
-from ..runtime_cache import cache_path, read_cache, write_cache
+from ..runtime_cache import RuntimeCacheFile, cache_path
 from ..rwlock import ReadWriteLock
 
 if TYPE_CHECKING:  # the common API, typed by tensorrt-stubs (tensorrt_rtx has the same classes)
@@ -157,15 +158,19 @@ class EngineSet:
         self.use_lock = ReadWriteLock()  # images: shared; refit: exclusive
         self._configs: list[Any] = []  # runtime configs stay referenced as long as their contexts
         self.cache_file: Path | None = None
+        self.cache_store: RuntimeCacheFile | None = None
         self.cache: Any = None
         self.cache_loaded = False  # a cache file was there and TensorRT-RTX accepted it
         if runtime_cache and self._has_runtime_cache():
             self.cache_file = cache_path(bundle.path, gpu_name, flavor.version)
+            self.cache_store = RuntimeCacheFile(self.cache_file)
             maker: Any = next(iter(self.engines.values())).create_runtime_config()  # RTX-only API below
             self.cache = maker.create_runtime_cache()
             self._configs.append(maker)
-            blob = read_cache(self.cache_file)
+            blob = self.cache_store.load()
             self.cache_loaded = bool(blob) and bool(self.cache.deserialize(blob))
+            if blob and not self.cache_loaded:
+                self.cache_store.digest = None  # refused: the first save replaces it
 
     def _has_runtime_cache(self) -> bool:
         engine = next(iter(self.engines.values()))
@@ -189,11 +194,22 @@ class EngineSet:
         return context
 
     def save_runtime_cache(self) -> bool:
-        """Write the runtime cache back into the bundle (atomic, locked); False when there is none."""
-        if self.cache is None or self.cache_file is None:
+        """Serialize the runtime cache while no context runs and write it into the bundle if it changed
+        (atomic, file-locked). True when the file holds the current cache; False when there is none. Never
+        call it while holding `use_lock` shared (an image in flight): it waits for every image to end."""
+        if self.cache is None or self.cache_store is None:
             return False
-        blob = self.cache.serialize()
-        return blob is not None and write_cache(self.cache_file, bytes(memoryview(blob)))
+        return self.cache_store.save(self.cache.serialize, self.use_lock.exclusive())
+
+    def runtime_cache_changed(self) -> None:
+        """Contexts compiled kernels into the cache (called inside an image; saved after it)."""
+        if self.cache_store is not None:
+            self.cache_store.mark_changed()
+
+    def save_runtime_cache_if_changed(self) -> bool:
+        if self.cache is None or self.cache_store is None:
+            return False
+        return self.cache_store.save_if_changed(self.cache.serialize, self.use_lock.exclusive())
 
     def scratch_bytes(self) -> dict[str, int]:
         return {name: scratch_size(engine) for name, engine in self.engines.items()}

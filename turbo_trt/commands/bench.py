@@ -37,6 +37,8 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile (max-autotune)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for the efficiency column (default: data-sheet FP16 peak of known GPUs)")
+    p.add_argument("--quick", action="store_true",
+                   help="short GPU sessions: throughput with one runner only and no cold starts in child processes")
     p.add_argument("--ignore-targets", action="store_true", help="run engines outside their built targets")
     p.add_argument("--json", type=Path, default=None, help="write the full result as JSON (schema turbo-trt-bench/1)")
     p.add_argument("--report", type=Path, default=None, help="write a Markdown report")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(BenchOptions(
         engines=engines, executor=args.executor, steps=args.steps, iterations=args.iterations, warmup=args.warmup,
         parallel=args.parallel, prompt=args.prompt, baselines=baselines, peak_tflops=args.peak_tflops,
-        strict_targets=not args.ignore_targets,
+        strict_targets=not args.ignore_targets, quick=args.quick,
     ), log=lambda message: print(message, file=sys.stderr))
     print(terminal(result))
     if args.json:
