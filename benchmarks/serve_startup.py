@@ -24,38 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from turbo_trt.fsutil import atomic_write_bytes
+from turbo_trt.runner.serving.tritonserver import http_ready, kill_tree, process_tree
 
 from .environment import environment
 from .serve_bench import free_ports
 
 START_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 60
-
-
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc/*/stat parent ids)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
 
 
 def _memory_kib(pids: list[int]) -> dict[str, int]:
@@ -72,14 +51,6 @@ def _memory_kib(pids: list[int]) -> dict[str, int]:
     return totals
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def one_start(engines: Path, backend: str, instances: int, executor: str, log: Path) -> dict[str, Any]:
     http, grpc, metrics = free_ports(3)
     argv = [sys.executable, "-m", "turbo_trt.cli", "serve", "--engines", str(engines), "--backend", backend,
@@ -89,7 +60,7 @@ def one_start(engines: Path, backend: str, instances: int, executor: str, log: P
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
-            while not _ready(http):
+            while not http_ready("127.0.0.1", http):
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
                 if time.monotonic() - start > START_TIMEOUT_S:
@@ -97,7 +68,7 @@ def one_start(engines: Path, backend: str, instances: int, executor: str, log: P
                 time.sleep(0.05)
             ready_s = time.monotonic() - start
             time.sleep(1.0)  # let the last allocations of the warm-up settle
-            pids = _descendants(proc.pid)
+            pids = process_tree(proc.pid)
             memory = _memory_kib(pids)
             stop = time.monotonic()
             proc.send_signal(signal.SIGTERM)
@@ -105,7 +76,7 @@ def one_start(engines: Path, backend: str, instances: int, executor: str, log: P
             return {"ready_s": ready_s, "stop_s": time.monotonic() - stop, "processes": len(pids), **memory}
         finally:
             if proc.poll() is None:
-                proc.kill()
+                kill_tree(proc.pid)
                 proc.wait()
 
 

@@ -43,13 +43,14 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from turbo_trt.benchmarks.serve_bench import free_ports
+from turbo_trt.errors import InputError
 from turbo_trt.runner import TurboPipeline
 from turbo_trt.runner.serving.batching import run_requests
 from turbo_trt.runner.serving.client import infer_inputs, json_request, request_arrays, request_inputs
 from turbo_trt.runner.serving.errors import INTERNAL_MESSAGE, INTERNAL_PATTERN, Answer
 from turbo_trt.runner.serving.repository import ExportOptions, config_pbtxt, export_repository
-from turbo_trt.runner.serving.requests import ModelFacts, RequestError, decode_request
-from turbo_trt.runner.serving.tritonserver import server_command
+from turbo_trt.runner.serving.requests import ModelFacts, RequestError, ServeRequest, decode_request, decode_requests
+from turbo_trt.runner.serving.tritonserver import http_ready, kill_tree, server_command
 
 from .conftest import copy_bundle, quiet_build, tiny_options
 
@@ -76,13 +77,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def ready(self) -> bool:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http}", connection_timeout=2, network_timeout=5)
-        try:
-            return bool(client.is_server_ready())
-        except Exception:
-            return False
-        finally:
-            client.close()
+        return http_ready("127.0.0.1", self.http)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
@@ -100,7 +95,7 @@ class Server:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            kill_tree(self.proc.pid)
             self.proc.wait(10)
             raise AssertionError(f"server did not stop within {timeout} s:\n{self.log()[-4000:]}") from None
         finally:
@@ -176,6 +171,11 @@ def run_clients(jobs: list[Callable[[], Any]], timeout: float = 120) -> list[Any
         t.join(max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), f"clients still waiting after {timeout} s"
     return results
+
+
+def request_dict(prompt: str, **fields: Any) -> dict[str, np.ndarray]:
+    """One request's input arrays by name, as Triton hands them to a model (with the batch dimension)."""
+    return {name: array for name, _, array in request_arrays(prompt, **fields)}
 
 
 def post_json(server: Server, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -255,7 +255,10 @@ def serve1(sd_bundle, tmp_path_factory):
         server.wait_ready()
         yield server
     finally:
-        server.stop()
+        code = server.stop()
+    # The default backend stops cleanly on SIGTERM (requests in flight at SIGTERM: the pytriton backend's test).
+    assert code == 0 and "stopping: finishing requests in flight" in server.log() and "stopped" in server.log(), \
+        server.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +334,18 @@ def test_answers_give_bad_requests_their_message_and_failures_an_id():
     assert lines[0] == f"turbo: request 2 of 4 refused: {bad}" and len(lines) == 2
     assert lines[1].startswith(f"internal error (id {match.group(1)}) in turbo, request 3 of 4:\nTraceback")
     assert "engine exploded at /opt/secret/path" in lines[1] and "in fail" in lines[1]
+    # An InputError raised inside an engine call passed the request checks: the server's fault, not the client's.
+    inside = InputError("noise latents have shape (1, 4, 8, 8), expected ... (/srv/bundles/x)")
+    [reply] = answers([inside], lines.append, "turbo")
+    assert reply is not None and not reply.bad_request and INTERNAL_PATTERN.match(reply.message), reply
+
+
+def test_a_request_that_fails_to_decode_fails_alone(pipe1):
+    """Any exception while decoding one request (here: reading its tensors) is that request's outcome only."""
+    facts = ModelFacts.of(pipe1)
+    decoded = decode_requests([{"prompt": b"fine"}, None, {"prompt": b""}], facts, lambda r: dict(r))
+    assert isinstance(decoded[0], ServeRequest) and decoded[0].prompt == "fine"
+    assert isinstance(decoded[1], TypeError) and isinstance(decoded[2], RequestError)
 
 
 def test_config_has_one_instance_group_per_gpu():
@@ -470,30 +485,88 @@ def test_pytriton_backend_serves_and_gets_clean_errors(pytriton2, pipe2, batch2_
     finally:
         client.close()
     check_bad_requests(pytriton2, protocol, batch2_bundle)
+    module = httpclient if protocol == "json" else grpcclient
+    client = pytriton2.http_client() if protocol == "json" else pytriton2.grpc_client()
+    try:
+        metadata = client.get_model_metadata("turbo")
+        outputs = metadata["outputs"] if protocol == "json" else [{"name": o.name} for o in metadata.outputs]
+        assert [o["name"] for o in outputs] == ["image"], outputs  # the verdict output stays hidden
+        with pytest.raises(InferenceServerException, match="^steps: num_inference_steps"):  # only image asked for
+            client.infer("turbo", request_inputs(module, "a cat", steps=7), outputs=[module.InferRequestedOutput("image")])
+    finally:
+        client.close()
     assert "refused: steps: num_inference_steps must be an integer in 1..4, got 7" in pytriton2.log()
     assert "Traceback" not in pytriton2.log(), "a bad request logged a traceback"
 
 
-def test_verdict_survives_pytriton_error_text():
-    """The PyTriton callable's verdict reaches the wrapper through PyTriton's error text (a traceback of two
-    processes, escaped); the wrapper's copies of the marker and the internal message are the library's."""
-    import traceback
+def test_pytriton_callable_answers_every_request_once(pipe2, monkeypatch):
+    """The PyTriton callable never raises and runs each request once: in one batch a good request, a bad one
+    and a good one whose engine call fails (a fault injected into that call only) get an image, a bad-request
+    verdict and an internal-error verdict; the engine ran once per plan. The wrapper reads the verdicts back."""
+    from pytriton.proxy.types import Request
 
     from turbo_trt.runner.serving import pytriton_stub
-    from turbo_trt.runner.serving.pytriton_server import VERDICT_MARKER, BatchVerdict
+    from turbo_trt.runner.serving.pytriton_server import VERDICT_OUTPUT, make_infer_func
 
-    replies = [None, Answer('prompt: must be UTF-8 text; byte 0 is "bad"\nx', True), Answer("internal error", False)]
-    try:
-        raise BatchVerdict(replies)
-    except BatchVerdict as exc:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    wrapped = f"Model execute error: Traceback (most recent call last):\n  File \"model.py\"\nTritonModelException: {text}\n"
-    assert pytriton_stub.read_verdict(wrapped, 3) == [None, [replies[1].message, True], ["internal error", False]]
-    assert pytriton_stub.read_verdict(wrapped, 2) is None and pytriton_stub.read_verdict("no verdict", 1) is None
-    assert pytriton_stub.VERDICT_MARKER == VERDICT_MARKER and pytriton_stub.INTERNAL_MESSAGE == INTERNAL_MESSAGE
+    real = pipe2.run_with_noise
+    plans: list[int] = []
+
+    def run_with_noise(prompts, plan, *args, **kwargs):
+        plans.append(plan.runs)
+        if plan.runs == 2:
+            raise RuntimeError("injected: the 2-step engine call failed at /srv/engines/unet.plan")
+        return real(prompts, plan, *args, **kwargs)
+
+    monkeypatch.setattr(pipe2, "run_with_noise", run_with_noise)
+    lines: list[str] = []
+    infer = make_infer_func(pipe2, lines.append)
+    good = {"prompt": "good", "seed": 3, "steps": 1}
+    batch = [Request(data=request_dict(**good)), Request(data=request_dict("bad", seed=1, steps=7)),
+             Request(data=request_dict("fails", seed=4, steps=2))]
+    replies = infer(batch)
+    assert sorted(plans) == [1, 2], f"engine calls per plan: {plans}"
+    assert [sorted(r) for r in replies] == [["image", VERDICT_OUTPUT]] * 3
+    assert pytriton_stub.read_verdict(replies[0][VERDICT_OUTPUT][0]) is None
+    monkeypatch.setattr(pipe2, "run_with_noise", real)
+    np.testing.assert_array_equal(replies[0]["image"][0], alone(pipe2, **good))
+    assert pytriton_stub.read_verdict(replies[1][VERDICT_OUTPUT][0]) == (
+        "steps: num_inference_steps must be an integer in 1..4, got 7", True)
+    message, bad_request = pytriton_stub.read_verdict(replies[2][VERDICT_OUTPUT][0])
+    match = INTERNAL_PATTERN.match(message)
+    assert not bad_request and match and "/srv" not in message
+    assert any(f"internal error (id {match.group(1)})" in line and "injected" in line for line in lines), lines
 
 
-def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, pipe2):
+def test_stub_reads_only_well_formed_verdicts():
+    """The wrapper's verdict reader takes exactly one JSON object of the callable's form; anything else raises
+    (the wrapper then answers that request with an internal error and an id)."""
+    from turbo_trt.runner.serving import errors, pytriton_server, pytriton_stub
+
+    assert pytriton_stub.VERDICT_OUTPUT == pytriton_server.VERDICT_OUTPUT
+    assert pytriton_stub.INTERNAL_MESSAGE == errors.INTERNAL_MESSAGE
+    text = 'prompt: must be UTF-8 text; byte 0 is "bad"\nx'
+    assert pytriton_stub.read_verdict(np.array([pytriton_server.verdict(text, True)], dtype=object)) == (text, True)
+    assert pytriton_stub.read_verdict(np.array([b""], dtype=object)) is None
+    for broken in ([b"", b""], [], ["text"], [b"not json"], [b'["m", true]'], [b'{"message": "m"}'],
+                   [b'{"message": "m", "bad_request": "yes"}'], [b'{"message": 1, "bad_request": true}']):
+        with pytest.raises(ValueError):
+            pytriton_stub.read_verdict(np.array(broken, dtype=object))
+
+    class Asked:
+        def __init__(self, names: list[str]) -> None:
+            self.names = names
+
+        def requested_output_names(self) -> list[str]:
+            return self.names
+
+    assert pytriton_stub._WithVerdict(Asked(["image"])).requested_output_names() == ["image", "turbo_trt_verdict"]
+    assert pytriton_stub._WithVerdict(Asked([])).requested_output_names() == ["turbo_trt_verdict"]
+    assert pytriton_stub._WithVerdict(Asked(["image"])).names == ["image"]  # the rest is the request's own
+
+
+@pytest.mark.parametrize("server_name", ["serve2", "pytriton2"], ids=["default-backend", "pytriton-backend"])
+def test_serve_concurrent_clients_are_batched_and_get_their_own_images(server_name, pipe2, request):
+    serve2: Server = request.getfixturevalue(server_name)
     requests = []
     for client_index in range(6):
         for k in range(3):
@@ -533,7 +606,10 @@ def test_serve_concurrent_clients_are_batched_and_get_their_own_images(serve2, p
 
 
 def test_serve_sigterm_answers_requests_in_flight(batch2_bundle, pipe2, tmp_path):
-    server = Server(serve_argv(batch2_bundle, "--max-queue-delay-us", "100000"), tmp_path / "log.txt")
+    """On `--backend pytriton` (the default backend passes the signal on to tritonserver, whose drain this
+    same Triton does; its clean stop is checked by the serve1 fixture)."""
+    server = Server(serve_argv(batch2_bundle, "--backend", "pytriton", "--max-queue-delay-us", "100000"),
+                    tmp_path / "log.txt")
     count = 32
     try:
         server.wait_ready()
@@ -590,11 +666,12 @@ def _corrupt(bundle: Path, dest: Path) -> Path:
     return copy
 
 
-def test_serve_corrupted_bundle_never_ready(sd_bundle, tmp_path):
-    """`--backend pytriton` checks the bundle before any port opens (the default backend's model does it in
-    Triton: test_stock_corrupted_bundle_never_ready)."""
+@pytest.mark.parametrize("backend", ["python", "pytriton"])
+def test_serve_corrupted_bundle_never_ready(sd_bundle, tmp_path, backend):
+    """`--backend pytriton` checks the bundle before any port opens; the default backend's model checks it in
+    Triton's model load, and `serve` exits non-zero when tritonserver does."""
     bundle = _corrupt(sd_bundle[0], tmp_path / "corrupt")
-    server = Server(serve_argv(bundle, "--backend", "pytriton"), tmp_path / "log.txt")
+    server = Server(serve_argv(bundle, "--backend", backend), tmp_path / "log.txt")
     deadline = time.monotonic() + START_TIMEOUT_S
     while server.proc.poll() is None and time.monotonic() < deadline:
         assert not server.ready()
@@ -602,6 +679,8 @@ def test_serve_corrupted_bundle_never_ready(sd_bundle, tmp_path):
     assert server.proc.returncode not in (None, 0)
     log = server.log()
     assert "unet.onnx" in log and "sha256" in log, log[-2000:]
+    if backend == "python":
+        assert "tritonserver exited with status" in log and "before the model was ready" in log, log[-2000:]
     server.stop()
 
 

@@ -1,10 +1,12 @@
 """What a client reads when its request fails, and what the server log keeps.
 
-- A bad request (an `InputError`: the runner's rules, `requests.py`) is answered with the runner's message,
-  which starts with the field's name (`steps: num_inference_steps must be an integer in 1..4, got 7`), as a
+- A bad request (a `RequestError`: the request checks of `requests.py`, run before any engine call) is
+  answered with the runner's message, which starts with the field's name
+  (`steps: num_inference_steps must be an integer in 1..4, got 7`), as a
   client error (HTTP 400, gRPC INVALID_ARGUMENT). The log gets one line.
-- Anything else is a failure of the server, not of the request: the client reads a short, stable message
-  with an id (`internal error (id 3f2a9c1e0b7d); the server log has the details`) and the log repeats the id
+- Anything else is a failure of the server, not of the request, including an `InputError` raised inside
+  an engine call (the request passed its checks; the message may name server files): the client reads a
+  short, stable message with an id (`internal error (id 3f2a9c1e0b7d); the server log has the details`) and the log repeats the id
   next to the full traceback. No traceback, file path or internal class name ever reaches a client.
 
 Every backend answers through `answers`; the Python-backend model (`triton_model.py`) and the PyTriton
@@ -19,7 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from turbo_trt.errors import InputError
+from .requests import RequestError
 
 INTERNAL_MESSAGE = "internal error (id {id}); the server log has the details"
 #: Matches the client's message (and the log line) of an internal error; group 1 is the id.
@@ -52,7 +54,7 @@ def log_internal(exc: BaseException, error_id: str, where: str, log: Callable[[s
 def answers(outcomes: Sequence[object], log: Callable[[str], None], model: str = "turbo",
             log_refused: Callable[[str], None] | None = None) -> list[Answer | None]:
     """One reply per outcome of a batch (None for a success: anything that is not an exception). A bad
-    request gets its message and one line in `log_refused` (default `log`); an internal failure gets an
+    request (RequestError) gets its message and one line in `log_refused` (default `log`); an internal failure gets an
     id, shared by the requests that the same exception failed (one engine call) and logged once in `log`
     with the traceback."""
     ids: dict[int, str] = {}
@@ -61,7 +63,7 @@ def answers(outcomes: Sequence[object], log: Callable[[str], None], model: str =
     for index, outcome in enumerate(outcomes):
         if not isinstance(outcome, BaseException):
             replies.append(None)
-        elif isinstance(outcome, InputError):
+        elif isinstance(outcome, RequestError):
             (log_refused or log)(f"{model}: request {index + 1} of {total} refused: {outcome}")
             replies.append(Answer(str(outcome), True))
         else:

@@ -14,8 +14,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,21 +21,12 @@ from typing import TYPE_CHECKING, Any
 from turbo_trt.errors import UsageError
 
 from .repository import ExportOptions, export_repository
-from .tritonserver import listen_summary, server_command
+from .tritonserver import die_with_parent, http_ready, kill_tree, listen_summary, server_command
 
 if TYPE_CHECKING:
     from .pytriton_server import ServeOptions
 
 STOP_TIMEOUT_S = 60
-
-
-def _ready(address: str, http_port: int) -> bool:
-    host = "127.0.0.1" if address == "0.0.0.0" else address
-    try:
-        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def serve_python_backend(options: ServeOptions, log: Callable[[str], None],
@@ -62,11 +51,12 @@ def serve_python_backend(options: ServeOptions, log: Callable[[str], None],
                                    options.address)
         log(f"starting tritonserver on {repository} (Python backend, {options.instances} instance(s) per device)")
         # Its own session: a terminal's Ctrl-C reaches only this process, which passes on exactly one signal.
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        # die_with_parent: a `serve` killed outright (SIGKILL, OOM) still takes tritonserver along.
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=die_with_parent)
         announced = False
         try:
             while proc.poll() is None and not stop.wait(0.5):
-                if not announced and _ready(options.address, options.http_port):
+                if not announced and http_ready(options.address, options.http_port):
                     where = listen_summary(options.address, options.http_port, options.grpc_port,
                                            options.metrics_port)
                     log(f"serving model '{options.model_name}': {where}; ready")
@@ -78,7 +68,7 @@ def serve_python_backend(options: ServeOptions, log: Callable[[str], None],
                 try:
                     proc.wait(STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    kill_tree(proc.pid)
                     proc.wait()
         if not stop.is_set():
             raise UsageError(f"tritonserver exited with status {proc.returncode}"

@@ -7,12 +7,15 @@ Triton, so `/v2/health/ready` is never true before the model can answer at full 
 fails a check raises before any port opens. SIGINT/SIGTERM stop Triton, which finishes the requests in
 flight first.
 
-PyTriton (0.7) answers a dynamic batch as a whole, with a traceback: the model file it writes is wrapped
-(`install_stub`, `pytriton_stub.py`) so that each request gets its own answer. The callable raises a
-`BatchVerdict` (one reply per request) when any request fails; the wrapper answers the failed ones with
-their messages and sends the others again alone. `turbo-trt serve` defaults to `--backend python`
-(python_backend_server.py: Triton's Python backend answers each request natively); this backend is kept for
-what only it gives: instances in one process sharing the engines' weights.
+PyTriton (0.7) answers a dynamic batch as a whole: an exception of the callable fails every request with a
+traceback. So the callable never raises: it returns one outcome per request, its image and a hidden BYTES
+output (VERDICT_OUTPUT) that is empty for a success and holds `{"message": ..., "bad_request": ...}` (JSON)
+for a failure. The model file PyTriton writes is wrapped (`install_stub`, `pytriton_stub.py`): the wrapper
+turns each verdict into that request's own error response and strips the output from every reply; the
+output is left out of the config Triton serves, so clients never see it. Every request runs once.
+`turbo-trt serve` defaults to `--backend python` (python_backend_server.py: Triton's Python backend answers
+each request natively); this backend is kept for what only it gives: instances in one process sharing the
+engines' weights. `serve` is the one entry point of both.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from turbo_trt.errors import InputError, UsageError
+from turbo_trt.errors import UsageError
 
 from .batching import run_requests, warm_up
-from .contract import DEFAULT_MODEL_NAME, model_inputs, model_outputs
-from .errors import Answer, answers
-from .requests import ModelFacts, ServeRequest, decode_request
+from .contract import DEFAULT_MODEL_NAME, TensorSpec, model_inputs, model_outputs
+from .errors import answers
+from .requests import ModelFacts, decode_requests
 from .tritonserver import listen_summary, python_library_env
 
 #: How long Triton waits for requests in flight when stopping: below PyTriton's own 30 s limit, after which
@@ -62,68 +65,62 @@ class ServeOptions:
     backend: str = "python"  # python_backend_server.py; or "pytriton": this module
 
 
-#: Precedes the JSON replies in a BatchVerdict's text; pytriton_stub.py holds the same text.
-VERDICT_MARKER = "turbo-trt-verdict:"
+#: The callable's per-request verdict output; pytriton_stub.py holds the same name.
+VERDICT_OUTPUT = "turbo_trt_verdict"
 STUB = Path(__file__).with_name("pytriton_stub.py")
+LOGGER = logging.getLogger(__name__)
 
 
-class BatchVerdict(Exception):
-    """Raised by the PyTriton callable when a request of its batch failed: one reply per request,
-    `[message, bad_request]` or None (fine: to be sent again without the others), as JSON after
-    VERDICT_MARKER, which `pytriton_stub.py` reads back out of the error text PyTriton hands to Triton."""
-
-    def __init__(self, replies: list[Answer | None]) -> None:
-        payload = [None if r is None else [r.message, r.bad_request] for r in replies]
-        super().__init__(VERDICT_MARKER + json.dumps(payload))
-
-
-class _QuietVerdicts(logging.Filter):
-    """PyTriton logs every exception of a callable with its traceback; a verdict is already logged (one line
-    per bad request, the traceback of an internal error under its id)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return VERDICT_MARKER not in record.getMessage()
+def verdict(message: str, bad_request: bool) -> bytes:
+    """A failed request's verdict (the payload of VERDICT_OUTPUT)."""
+    return json.dumps({"message": message, "bad_request": bad_request}).encode()
 
 
 def make_infer_func(pipe: Any, log: Callable[[str], None] | None = None,
                     model: str = DEFAULT_MODEL_NAME) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
-    """PyTriton's callable for one instance: a list of requests (Triton's dynamic batch) -> their images.
-    A batch with a bad request runs nothing: the wrapper sends the good ones again without it."""
+    """PyTriton's callable for one instance: a list of requests (Triton's dynamic batch) -> one reply per
+    request, never an exception: `image` (zeros for a failed request) and VERDICT_OUTPUT (empty for a
+    success). The good requests of a batch run once, beside the bad ones."""
     facts = ModelFacts.of(pipe)
-    write = log or (lambda message: None)
+    write = log or LOGGER.error
+    blank = np.zeros((1, facts.height, facts.width, 3), np.uint8)
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         outcomes: list[Any]
         try:
-            decoded: list[ServeRequest | Exception] = []
-            for request in requests:
-                try:
-                    decoded.append(decode_request(dict(request.data), facts))
-                except InputError as exc:
-                    decoded.append(exc)
-            if any(isinstance(r, Exception) for r in decoded):
-                outcomes = decoded
-            else:
-                outcomes = run_requests(pipe, decoded)
+            outcomes = run_requests(pipe, decode_requests(requests, facts, lambda request: dict(request.data)))
         except Exception as exc:  # noqa: BLE001 - outside the engine calls: every request of the batch
             outcomes = [exc] * len(requests)
         replies = answers(outcomes, write, model)
-        if any(reply is not None for reply in replies):
-            raise BatchVerdict(replies)
-        return [{"image": np.asarray(outcome)[None]} for outcome in outcomes]  # every outcome is an image here
+        return [{"image": np.asarray(outcome)[None], VERDICT_OUTPUT: np.array([[b""]], dtype=object)}
+                if reply is None else
+                {"image": blank, VERDICT_OUTPUT: np.array([[verdict(reply.message, reply.bad_request)]], dtype=object)}
+                for outcome, reply in zip(outcomes, replies)]
 
     return infer
 
 
-def install_stub(version_dir: Path) -> None:
-    """Put `pytriton_stub.py` in place of the model.py PyTriton wrote in `version_dir` (kept beside it as
-    pytriton_model.py, which the stub runs)."""
+def install_stub(model_dir: Path) -> None:
+    """Put `pytriton_stub.py` in place of the `1/model.py` PyTriton wrote in `model_dir` (kept beside it as
+    pytriton_model.py, which the stub runs) and leave VERDICT_OUTPUT out of the config Triton serves."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2  # PyTriton writes its configs with it
+
+    version_dir = model_dir / "1"
     model = version_dir / "model.py"
-    if not model.is_file() or "class TritonPythonModel" not in model.read_text():
-        raise UsageError(f"PyTriton wrote no model.py with a TritonPythonModel in {version_dir}: this PyTriton "
-                         "version is not one turbo-trt can wrap; use `--backend python`")
+    config_path = model_dir / "config.pbtxt"
+    if not model.is_file() or "class TritonPythonModel" not in model.read_text() or not config_path.is_file():
+        raise UsageError(f"PyTriton wrote no model.py with a TritonPythonModel (or no config.pbtxt) in {model_dir}: "
+                         "this PyTriton version is not one turbo-trt can wrap; use `--backend python`")
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    kept = [output for output in config.output if output.name != VERDICT_OUTPUT]
+    if len(kept) != len(config.output) - 1:
+        raise UsageError(f"{config_path} has no output {VERDICT_OUTPUT}: use `--backend python`")
+    del config.output[:]
+    config.output.extend(kept)
+    config_path.write_text(text_format.MessageToString(config))
     os.replace(model, version_dir / "pytriton_model.py")
-    shutil.copyfile(STUB, version_dir / "model.py")
+    shutil.copyfile(STUB, model)
 
 
 def load_instances(options: ServeOptions, log: Callable[[str], None]) -> list[Any]:
@@ -150,7 +147,20 @@ def _triton_tensors(specs: list[Any]) -> list[Any]:
 
 
 def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Event | None = None) -> None:
-    """Serve until `stop` is set or SIGINT/SIGTERM arrives (signals only when called in the main thread)."""
+    """Serve with `options.backend` until `stop` is set or SIGINT/SIGTERM arrives (signals only when called
+    in the main thread)."""
+    if options.backend == "python":
+        from .python_backend_server import serve_python_backend
+
+        serve_python_backend(options, log, stop)
+    elif options.backend == "pytriton":
+        serve_pytriton(options, log, stop)
+    else:
+        raise UsageError(f"--backend must be python or pytriton, got {options.backend!r}")
+
+
+def serve_pytriton(options: ServeOptions, log: Callable[[str], None], stop: threading.Event | None = None) -> None:
+    """`--backend pytriton`: Triton bound to this process."""
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
@@ -159,40 +169,41 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
         raise UsageError("`turbo-trt serve` needs PyTriton: pip install 'turbo-trt[serve]'") from exc
 
     pipes = load_instances(options, log)
-    shapes = pipes[0].shapes
-    height, width = int(shapes["height"]), int(shapes["width"])
-    # The Python backend's stub (a child of tritonserver) must load this interpreter's libpython.
-    os.environ.update(python_library_env())
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(number: int, frame: Any) -> None:
-            stop.set()  # the first signal stops gracefully; a second one gets the default action (exit now)
-            signal.signal(number, signal.SIG_DFL)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-    logging.getLogger("pytriton.proxy.inference").addFilter(_QuietVerdicts())
-    config = TritonConfig(
-        http_address=options.address, http_port=options.http_port, grpc_address=options.address,
-        grpc_port=options.grpc_port, metrics_address=options.address, metrics_port=options.metrics_port,
-        strict_readiness=True, exit_timeout_secs=EXIT_TIMEOUT_S,
-    )
-    # The model is written to a local model store before tritonserver starts, so Triton loads it during
-    # startup: the endpoints open (and /v2/health/ready turns true) only once the model is loaded.
-    workspace = Workspace()
-    triton = Triton(config=config, workspace=workspace,
-                    triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True))
+    triton = None
     try:
+        shapes = pipes[0].shapes
+        height, width = int(shapes["height"]), int(shapes["width"])
+        # The Python backend's stub (a child of tritonserver) must load this interpreter's libpython.
+        os.environ.update(python_library_env())
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(number: int, frame: Any) -> None:
+                stop.set()  # the first signal stops gracefully; a second one gets the default action (exit now)
+                signal.signal(number, signal.SIG_DFL)
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, on_signal)
+        config = TritonConfig(
+            http_address=options.address, http_port=options.http_port, grpc_address=options.address,
+            grpc_port=options.grpc_port, metrics_address=options.address, metrics_port=options.metrics_port,
+            strict_readiness=True, exit_timeout_secs=EXIT_TIMEOUT_S,
+        )
+        # The model is written to a local model store before tritonserver starts, so Triton loads it during
+        # startup: the endpoints open (and /v2/health/ready turns true) only once the model is loaded.
+        workspace = Workspace()
+        triton = Triton(config=config, workspace=workspace,
+                        triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False,
+                                                                      local_model_store=True))
         triton.bind(
             model_name=options.model_name,
             infer_func=[make_infer_func(pipe, log, options.model_name) for pipe in pipes],
             inputs=_triton_tensors(model_inputs(height, width)),
-            outputs=_triton_tensors(model_outputs(height, width)),
+            outputs=_triton_tensors([*model_outputs(height, width), TensorSpec(VERDICT_OUTPUT, "STRING", (1,))]),
             config=ModelConfig(max_batch_size=pipes[0].batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),
             strict=True,
         )
-        install_stub(workspace.model_store_path / options.model_name / "1")
+        install_stub(workspace.model_store_path / options.model_name)
         try:
             triton.run()
         except Exception as exc:  # PyTriton's own errors (a port in use, tritonserver exiting) carry no common base
@@ -204,7 +215,8 @@ def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Eve
                 raise UsageError("Triton stopped unexpectedly; see its log above")
         log("stopping: finishing requests in flight ...")
     finally:
-        triton.stop()
+        if triton is not None:
+            triton.stop()
         for pipe in pipes:
             pipe.close()
     log("stopped")

@@ -9,7 +9,7 @@ bypass Triton's checks).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -150,3 +150,17 @@ def decode_request(inputs: Mapping[str, Any], facts: ModelFacts) -> ServeRequest
     image = _image(inputs, facts)
     plan = _plan(inputs, facts, image is not None)
     return ServeRequest(prompt=prompt, seed=_seed(inputs), plan=plan, image=image)
+
+
+def decode_requests(batch: Iterable[Any], facts: ModelFacts,
+                    inputs_of: Callable[[Any], Mapping[str, Any]] = dict) -> list[ServeRequest | Exception]:
+    """Each request of a batch decoded on its own (`inputs_of(request)`: its input arrays by name): a checked
+    request, or the exception that failed it, a RequestError for a bad request; any other exception (reading
+    the request's tensors, a defect) is the server's fault and fails only that request."""
+    decoded: list[ServeRequest | Exception] = []
+    for request in batch:
+        try:
+            decoded.append(decode_request(inputs_of(request), facts))
+        except Exception as exc:  # noqa: BLE001 - one request's failure is that request's outcome
+            decoded.append(exc)
+    return decoded

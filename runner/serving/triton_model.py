@@ -59,6 +59,22 @@ def _use_device(device: int) -> None:
             raise RuntimeError(f"cudaSetDevice({device}) failed: {err}")
 
 
+def _log_failure(exc: BaseException, where: str, log: Any) -> str:
+    """Log `exc` under a new id; the client's message. Uses turbo_trt's errors module when it imports, else
+    (the failure may be that very import) the same text from the standard library."""
+    try:
+        from turbo_trt.runner.serving.errors import log_internal, new_error_id
+    except Exception:  # noqa: BLE001 - the last resort must not fail
+        import secrets
+        import traceback
+
+        error_id = secrets.token_hex(6)
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        log(f"internal error (id {error_id}) {where}:\n{detail}")
+        return f"internal error (id {error_id}); the server log has the details"
+    return log_internal(exc, new_error_id(), where, log)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         _add_site_dirs()
@@ -86,10 +102,10 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{name}: {self.pipe.executor.name} pipeline warmed up ({calls} calls); ready")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        from turbo_trt.runner.serving.errors import answers, log_internal, new_error_id
-
         pb = self._pb
         try:
+            from turbo_trt.runner.serving.errors import answers
+
             outcomes = self._outcomes(requests)
             replies = answers(outcomes, pb.Logger.log_error, self.name, pb.Logger.log_info)
             invalid = getattr(pb.TritonError, "INVALID_ARG", None)  # Python backends before 23.06 have no codes
@@ -103,27 +119,19 @@ class TritonPythonModel:
                     responses.append(pb.InferenceResponse(error=pb.TritonError(reply.message)))
             return responses
         except Exception as exc:  # noqa: BLE001 - a failure outside the engine calls: every request gets its id
-            message = log_internal(exc, new_error_id(), f"in {self.name}, a batch of {len(requests)}",
-                                   pb.Logger.log_error)
+            message = _log_failure(exc, f"in {self.name}, a batch of {len(requests)}", pb.Logger.log_error)
             return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
 
     def _outcomes(self, requests: list[Any]) -> list[Any]:
         """Each request's image (uint8 (H, W, 3)) or the exception that failed it."""
-        from turbo_trt.errors import InputError
         from turbo_trt.runner.serving.batching import run_requests
-        from turbo_trt.runner.serving.requests import ServeRequest, decode_request
+        from turbo_trt.runner.serving.requests import decode_requests
 
-        decoded: list[ServeRequest | Exception] = []
-        for request in requests:
-            inputs = {}
-            for name in INPUT_NAMES:
-                tensor = self._pb.get_input_tensor_by_name(request, name)
-                inputs[name] = None if tensor is None else tensor.as_numpy()
-            try:
-                decoded.append(decode_request(inputs, self.facts))
-            except InputError as exc:
-                decoded.append(exc)
-        return list(run_requests(self.pipe, decoded))
+        def arrays(request: Any) -> dict[str, Any]:
+            tensors = {name: self._pb.get_input_tensor_by_name(request, name) for name in INPUT_NAMES}
+            return {name: None if tensor is None else tensor.as_numpy() for name, tensor in tensors.items()}
+
+        return list(run_requests(self.pipe, decode_requests(requests, self.facts, arrays)))
 
     def finalize(self) -> None:
         pipe = getattr(self, "pipe", None)

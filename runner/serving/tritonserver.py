@@ -9,11 +9,16 @@ fails in odd places). `python_library_env` puts this interpreter's library direc
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import site
 import sys
 import sysconfig
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -114,3 +119,57 @@ def server_command(repository: Path, http_port: int = 8000, grpc_port: int = 800
         "--strict-readiness=true", *extra_args,
     ]
     return argv, env
+
+
+def http_ready(address: str, http_port: int, timeout: float = 2) -> bool:
+    """Whether Triton at `address` (0.0.0.0/:: polled on loopback) answers /v2/health/ready with 200."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For Popen's preexec_fn (runs in the child): the kernel sends the child SIGTERM when the thread that
+    started it dies, so a killed `turbo-trt serve` (SIGKILL, OOM) takes its tritonserver along. Linux only
+    (elsewhere a no-op). Start the child from a thread that lives as long as the child should."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it, parents first (from /proc/*/stat; [pid] where /proc is absent)."""
+    children: dict[int, list[int]] = {}
+    entries = os.listdir("/proc") if os.path.isdir("/proc") else []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send `sig` to `pid` and all its descendants (listed before any is signalled, so none escapes by being
+    re-parented); returns the pids signalled."""
+    pids = process_tree(pid)
+    for member in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, sig)
+    return pids

@@ -57,10 +57,5 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us, strict_targets=not args.ignore_targets, backend=args.backend,
     )
     log = lambda message: print(f"turbo-trt serve: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    if options.backend == "python":
-        from ..runner.serving.python_backend_server import serve_python_backend
-
-        serve_python_backend(options, log)
-    else:
-        serve(options, log)
+    serve(options, log)
     return 0
