@@ -1,6 +1,12 @@
 """The served model's inputs and outputs: one table used for PyTriton's binding, for `config.pbtxt` and
 for the README. Shapes are Triton `dims`, per request (without the batch dimension the dynamic batcher
-adds)."""
+adds).
+
+`dims` is the contract a client must follow (README's table). The inputs are declared to Triton with every
+dim variable (`config_dims`: -1) so that a wrong shape reaches the model, whose check answers it with an
+error that starts with the field's name (`image: must be UINT8 [512, 512, 3] ...`), like every other bad
+request; declared fixed, Triton would refuse it first, with its own text. Only the rank and the datatype
+are left to Triton. Requests of equal shapes still batch together."""
 
 from __future__ import annotations
 
@@ -19,6 +25,12 @@ class TensorSpec:
     triton_type: str  # as in config.pbtxt, without the TYPE_ prefix
     dims: tuple[int, ...]
     optional: bool = False
+    model_checks_dims: bool = False  # declared to Triton as all -1: the model checks `dims` itself
+
+    @property
+    def config_dims(self) -> tuple[int, ...]:
+        """The dims declared in Triton's model config."""
+        return (-1,) * len(self.dims) if self.model_checks_dims else self.dims
 
     @property
     def numpy_dtype(self) -> type:
@@ -33,11 +45,11 @@ class TensorSpec:
 
 def model_inputs(height: int, width: int) -> list[TensorSpec]:
     return [
-        TensorSpec("prompt", "STRING", (1,)),
-        TensorSpec("seed", "INT64", (1,), optional=True),
-        TensorSpec("steps", "INT32", (1,), optional=True),
-        TensorSpec("image", "UINT8", (height, width, 3), optional=True),
-        TensorSpec("strength", "FP32", (1,), optional=True),
+        TensorSpec("prompt", "STRING", (1,), model_checks_dims=True),
+        TensorSpec("seed", "INT64", (1,), optional=True, model_checks_dims=True),
+        TensorSpec("steps", "INT32", (1,), optional=True, model_checks_dims=True),
+        TensorSpec("image", "UINT8", (height, width, 3), optional=True, model_checks_dims=True),
+        TensorSpec("strength", "FP32", (1,), optional=True, model_checks_dims=True),
     ]
 
 

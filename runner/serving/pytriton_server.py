@@ -143,7 +143,7 @@ def load_instances(options: ServeOptions, log: Callable[[str], None]) -> list[An
 def _triton_tensors(specs: list[Any]) -> list[Any]:
     from pytriton.model_config import Tensor
 
-    return [Tensor(name=s.name, dtype=s.numpy_dtype, shape=s.dims, optional=s.optional) for s in specs]
+    return [Tensor(name=s.name, dtype=s.numpy_dtype, shape=s.config_dims, optional=s.optional) for s in specs]
 
 
 def serve(options: ServeOptions, log: Callable[[str], None], stop: threading.Event | None = None) -> None:

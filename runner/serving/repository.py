@@ -61,7 +61,7 @@ def pbtxt_string(text: str) -> str:
 
 
 def _tensor(spec: TensorSpec) -> str:
-    dims = ", ".join(str(d) for d in spec.dims)
+    dims = ", ".join(str(d) for d in spec.config_dims)
     optional = " optional: true" if spec.optional else ""
     return f'  {{ name: "{spec.name}" data_type: TYPE_{spec.triton_type} dims: [ {dims} ]{optional} }}'
 
