@@ -348,6 +348,56 @@ def test_a_request_that_fails_to_decode_fails_alone(pipe1):
     assert isinstance(decoded[1], TypeError) and isinstance(decoded[2], RequestError)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+def _parent_with_child(die_with_parent: bool) -> tuple[subprocess.Popen[bytes], int]:
+    """A Python process that starts `sleep 120` (as serve starts tritonserver) and prints the sleeper's pid."""
+    script = ("import subprocess, sys, time\n"
+              "from turbo_trt.runner.serving.tritonserver import die_with_parent\n"
+              f"child = subprocess.Popen(['sleep', '120'], start_new_session=True, "
+              f"preexec_fn={'die_with_parent' if die_with_parent else 'None'})\n"
+              "print(child.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    return parent, int(parent.stdout.readline())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_server_child_dies_with_serve_and_kill_tree_reaches_every_process():
+    """serve starts tritonserver with die_with_parent: a serve killed outright (SIGKILL) takes it along; the
+    fallback kill of the bench and the tests (kill_tree) reaches a child in a session of its own."""
+    parent, child = _parent_with_child(die_with_parent=True)
+    try:
+        assert _alive(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        kill_tree(parent.pid)
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+    parent, child = _parent_with_child(die_with_parent=False)
+    try:
+        assert kill_tree(parent.pid) == [parent.pid, child]
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "kill_tree missed the child"
+            time.sleep(0.05)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_config_has_one_instance_group_per_gpu():
     text = config_pbtxt("turbo", 4, 512, 512, [0, 1, 2], 2, "tensorrt", "/b", 1000)
     assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 2 ]" in text and "count: 2" in text
