@@ -6,16 +6,18 @@ called with tritonclient over HTTP and gRPC, and with plain JSON over HTTP (as c
   TurboPipeline calls with the same seeds; every bad request gets an error that starts with the field's name
   (or, for what Triton checks itself, names it) with no traceback, file or path, and the server keeps serving.
 - `turbo-trt serve --backend pytriton` (Triton bound in this process, PyTriton's model file wrapped) on a
-  batch-2 bundle with 2 instances: the same images and the same clean errors.
+  batch-2 bundle with 2 instances: the same images and the same clean errors; its verdict output stays out
+  of the metadata; its callable runs each request of a batch once (unit test with a fault in one call).
 - Both backends: a good and a bad request grouped by the dynamic batcher into one execution get one image
   and one clean error; a weight file corrupted under a running server (a real fault: ONNX Runtime reads the
   memory-mapped external data) answers `internal error (id ...)`, and the server log has that id beside the
-  traceback.
-- `turbo-trt serve` with 2 instances on a batch-2 bundle: concurrent clients whose requests the dynamic
-  batcher groups (Triton's metrics show fewer executions than inferences), each response equal to what its
-  request gets alone; SIGTERM with requests in flight answers them all and exits cleanly.
+  traceback; concurrent clients on 2 instances of a batch-2 bundle, whose requests the dynamic batcher
+  groups (Triton's metrics show fewer executions than inferences), each get what their request gets alone;
+  a corrupted bundle never gets ready and `serve` exits non-zero with the reason.
+- SIGTERM with requests in flight (`--backend pytriton`) answers them all and exits cleanly; the default
+  backend's clean stop is checked when its serve1 fixture stops.
 - `turbo-trt export-triton` served by a stock `tritonserver` run: the same images, bad requests failing alone;
-  a corrupted bundle never gets ready (on both ways).
+  a corrupted bundle never gets ready.
 
 Every request loop is bounded in count and every wait in time.
 """
