@@ -160,8 +160,17 @@ def memory_info() -> tuple[int, int]:
     return int(free), int(total)
 
 
-def new_event() -> Any:
-    return check(_rt().cudaEventCreate())
+def new_event(timing: bool = True) -> Any:
+    """A CUDA event; timing=False makes one for synchronization only (cheaper to record and wait on)."""
+    rt = _rt()
+    if timing:
+        return check(rt.cudaEventCreate())
+    return check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming))
+
+
+def event_synchronize(event: Any) -> None:
+    """Block until the work recorded before `event` has finished (the GIL is released while waiting)."""
+    check(_rt().cudaEventSynchronize(event))
 
 
 def record(event: Any, stream: Any) -> None:

@@ -29,11 +29,21 @@ from .tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
     from .lora import BundleLoras
+    from .stream import Stream
 
 
 
 class NonFiniteOutputError(TurboTrtError):
     """The decoder saw NaN/inf: the image would have been black. Usually an FP16 overflow."""
+
+
+def check_finite(nonfinite: int) -> None:
+    """Raise NonFiniteOutputError when the decoder counted NaN/inf values."""
+    if nonfinite:
+        raise NonFiniteOutputError(
+            f"the VAE decoder produced {nonfinite} NaN/inf values (the image would be black); this is "
+            "usually an FP16 overflow: check the bundle's validation figures or rebuild"
+        )
 
 
 class TurboPipeline:
@@ -139,12 +149,23 @@ class TurboPipeline:
         ids = self.token_ids(prompts)
         with self._lock:
             images, nonfinite = self.executor.run(ids, plan, noise_set, pixels)
-        if nonfinite:
-            raise NonFiniteOutputError(
-                f"the VAE decoder produced {nonfinite} NaN/inf values (the image would be black); this is "
-                "usually an FP16 overflow: check the bundle's validation figures or rebuild"
-            )
+        check_finite(nonfinite)
         return images
+
+    def stream(self, prompt: str = "", *, steps: int = 1, strength: float = 0.5, seed: int | None = None,
+               queue: int = 1, similarity: float | None = None, max_skip: int = 10) -> Stream:
+        """A frame stream on a fork of this pipeline (its own execution state and worker thread, the same
+        weights): push frames or prompts, get the newest results (runner/stream.py; README, Real time).
+        One seed for the whole stream (random when None: `stream.seed` says which)."""
+        from .stream import StreamPool
+
+        pool = StreamPool([self.fork()])
+        try:
+            return pool.stream(prompt, steps=steps, strength=strength, seed=seed, queue=queue,
+                               similarity=similarity, max_skip=max_skip, owns_pool=True)
+        except BaseException:
+            pool.close()
+            raise
 
     def set_loras(self, loras: Mapping[str | Path, float]) -> None:
         """Apply LoRAs at run time, {path: scale, ...} in order; `{}` restores the base weights bit for bit.

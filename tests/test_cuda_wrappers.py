@@ -36,6 +36,8 @@ CALLS = {
     "launch": lambda: cuda.launch(runtime.cudaGraphExec_t(), STREAM),
     "memory_info": cuda.memory_info,
     "new_event": cuda.new_event,
+    "new_sync_event": lambda: cuda.new_event(timing=False),
+    "event_synchronize": lambda: cuda.event_synchronize(EVENT),
     "record": lambda: cuda.record(EVENT, STREAM),
     "elapsed_ms": lambda: cuda.elapsed_ms(EVENT, EVENT),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -17,11 +18,21 @@ from ..schedule import Plan
 Timings = list[tuple[str, float]]
 
 
+class Launched:
+    """One generation started by `Executor.launch`; hand it to that executor's `wait`, once."""
+
+
+class _InWorker(Launched):
+    def __init__(self, future: Future[tuple[np.ndarray, int]]) -> None:
+        self.future = future
+
+
 class Executor(ABC):
     """Runs text encoder(s) -> UNet steps -> VAE decoder (VAE encoder first for img2img) on one bundle.
 
     `run` gets everything already checked and shaped to the bundle's batch; it returns the uint8 images
-    (B, H, W, 3) and the decoder's count of non-finite values.
+    (B, H, W, 3) and the decoder's count of non-finite values. `launch` + `wait` split the same work in two
+    (start, finish) so a caller can do host work while the engines run (frame streams, runner/stream.py).
     """
 
     name: str = "executor"
@@ -30,6 +41,7 @@ class Executor(ABC):
         self.bundle = bundle
         self.cache_size = cache_size
         self._lru = SlotLRU(cache_size)
+        self._launcher: ThreadPoolExecutor | None = None
 
     @abstractmethod
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
@@ -40,6 +52,22 @@ class Executor(ABC):
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
                      image: np.ndarray | None) -> Timings:
         """The same work as `run`, without graphs or the prompt cache, timing each stage."""
+
+    def launch(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise, image: np.ndarray | None) -> Launched:
+        """Start the work of `run` and return at once; `wait` returns what `run` would have. One launch at a
+        time per executor: wait for it before launching again. This default runs `run` in the executor's
+        own worker thread (ONNX Runtime releases the GIL while it computes, so the caller keeps working);
+        the TensorRT executor launches its CUDA graph and records an event instead."""
+        if getattr(self, "_launcher", None) is None:
+            self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"turbo-trt-{self.name}")
+        assert self._launcher is not None
+        return _InWorker(self._launcher.submit(self.run, ids, plan, noise, image))
+
+    def wait(self, launched: Launched) -> tuple[np.ndarray, int]:
+        """Finish a launch: the images and non-finite count `run` returns, or the exception it raised."""
+        if not isinstance(launched, _InWorker):
+            raise TypeError(f"{type(launched).__name__} was not launched by a {type(self).__name__}")
+        return launched.future.result()
 
     @abstractmethod
     def fork(self) -> Executor:
@@ -71,4 +99,7 @@ class Executor(ABC):
             self._lru = saved
 
     def close(self) -> None:
-        """Release resources (device memory, sessions)."""
+        """Release resources (device memory, sessions; the launch worker thread, after its work)."""
+        launcher, self._launcher = getattr(self, "_launcher", None), None
+        if launcher is not None:
+            launcher.shutdown(wait=True)

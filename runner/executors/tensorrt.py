@@ -20,6 +20,7 @@ Engines (weights) live in an EngineSet that several executors share (`fork()`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from .. import cuda
 from ..bundle import Bundle, check_engine_compatibility
 from ..inputs import Noise
 from ..schedule import Plan
-from .base import Executor, Timings
+from .base import Executor, Launched, Timings
 from .tensorrt_engines import EngineSet
 from .tensorrt_layout import ALIGN, Layout, Op
 
@@ -52,6 +53,15 @@ class GraphCaptureWarning(RuntimeWarning):
 class _Captured:
     graph: Any
     graph_exec: Any
+
+
+@dataclass
+class _GraphLaunch(Launched):
+    """An image launched on the executor's stream: what `wait` needs to finish it."""
+
+    key: bytes
+    new_slot: int | None
+    guard: contextlib.ExitStack
 
 
 class TensorRTExecutor(Executor):
@@ -92,6 +102,8 @@ class TensorRTExecutor(Executor):
         self._marks: list[tuple[str, Any]] | None = None  # set during run_profiled
         self._events: list[Any] = []
         self._broken: str | None = None  # a sync that could not complete: the CUDA context is unusable
+        self._done: Any = None  # event recorded after a launched image (created on the first launch)
+        self._launched: _GraphLaunch | None = None  # launched and not yet waited for
         self._weights_version = engines.weights_version
 
     def _load(self) -> None:
@@ -245,6 +257,9 @@ class TensorRTExecutor(Executor):
                                  "load the bundle again", stage="sync")
         if self.stream is None:
             raise ExecutionError("this executor was closed", stage="load")
+        if self._launched is not None:
+            raise ExecutionError("an image launched with launch() is still in flight: wait() for it first",
+                                 stage="launch")
         self._follow_weights()
 
     def _recover(self, stage: str, exc: BaseException) -> ExecutionError:
@@ -264,6 +279,19 @@ class TensorRTExecutor(Executor):
         return result
 
     def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+        key, new_slot = self._enqueue(ids, plan, noise, image)
+        try:
+            cuda.synchronize(self.stream)
+        except Exception as exc:
+            self._abandon(new_slot)
+            raise self._recover("synchronize", exc) from exc
+        return self._finish(key, new_slot)
+
+    def _enqueue(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[bytes, int | None]:
+        """Everything of one image up to its last enqueue, without waiting: fill the pinned inputs, copy a
+        cached prompt's embeddings into place (or run the encoders), launch the graph (plain enqueues where
+        there is none), store new embeddings in their cache slot. Returns (prompt key, slot to assign once
+        the image is done). On failure the slot is given up and the stream synchronized before raising."""
         self._check_usable()
         layout = self.layout
         layout.fill(ids, noise, image, plan.runs)
@@ -288,15 +316,57 @@ class TensorRTExecutor(Executor):
             if new_slot is not None:
                 stage = "prompt cache store"
                 self._execute(layout.cache_copies(new_slot, store=True))
-            stage = "synchronize"
-            cuda.synchronize(self.stream)
         except Exception as exc:
-            if new_slot is not None:
-                self._lru.evict_slot(new_slot)  # its device contents may be half-written
+            self._abandon(new_slot)
             raise self._recover(stage, exc) from exc
+        return key, new_slot
+
+    def _abandon(self, new_slot: int | None) -> None:
+        if new_slot is not None:
+            self._lru.evict_slot(new_slot)  # its device contents may be half-written
+
+    def _finish(self, key: bytes, new_slot: int | None) -> tuple[Any, int]:
+        """After the stream (or the launch's event) has synchronized: commit the cache slot, copy out."""
         if new_slot is not None:
             self._lru.assign(key)
-        return layout.image.array.copy(), int(layout.nonfinite.array[0])
+        return self.layout.image.array.copy(), int(self.layout.nonfinite.array[0])
+
+    # -- split launch / wait (frame streams) -------------------------------------------------------------------
+    def launch(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Launched:
+        """Fill the pinned inputs, launch the image's graph and record an event after it; returns without
+        waiting, so the host can prepare the next frame and finish the last while the GPU runs this one.
+        The engines' shared lock is held from here to `wait` (no refit can start in between)."""
+        guard = contextlib.ExitStack()
+        guard.enter_context(self.engines.use_lock.shared())
+        try:
+            key, new_slot = self._enqueue(ids, plan, noise, image)
+            try:
+                if self._done is None:
+                    self._done = cuda.new_event(timing=False)
+                cuda.record(self._done, self.stream)
+            except Exception as exc:
+                self._abandon(new_slot)
+                raise self._recover("event record", exc) from exc
+        except BaseException:
+            guard.close()
+            raise
+        launched = _GraphLaunch(key, new_slot, guard)
+        self._launched = launched
+        return launched
+
+    def wait(self, launched: Launched) -> tuple[Any, int]:
+        """Block on the launch's event (the GIL is released), then commit its cache slot and copy the image
+        out of the pinned buffer. A failure raises ExecutionError like `run`; the executor stays usable."""
+        if not isinstance(launched, _GraphLaunch) or launched is not self._launched:
+            raise ExecutionError("wait() got a launch that this executor does not have in flight", stage="wait")
+        self._launched = None
+        with launched.guard:
+            try:
+                cuda.event_synchronize(self._done)
+            except Exception as exc:
+                self._abandon(launched.new_slot)
+                raise self._recover("synchronize", exc) from exc
+            return self._finish(launched.key, launched.new_slot)
 
     def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
@@ -356,6 +426,12 @@ class TensorRTExecutor(Executor):
         if not self._broken:
             cuda.synchronize(self.stream)
             self.engines.save_runtime_cache()
+        if self._launched is not None:  # launched and never waited for: the sync above finished it
+            self._launched.guard.close()
+            self._launched = None
+        if self._done is not None:
+            cuda.destroy_event(self._done)
+            self._done = None
         for captured in self._graphs.values():
             cuda.destroy_graph(captured.graph, captured.graph_exec)
         self._graphs.clear()
