@@ -1,0 +1,318 @@
+"""`turbo-trt live`: the real CLI in a subprocess (uvicorn on a free loopback port, ONNX Runtime on the tiny
+bundle), driven by a real WebSocket client (the `websockets` package) and by Debian's Chromium through
+Playwright (the system executable: no browser is downloaded).
+
+Tolerances: a PNG result is lossless and must equal the direct pipeline call bit for bit. A JPEG result
+(quality 90, 4:4:4) differs from it only by the result's encoding (the server decodes the client's JPEG
+frame exactly as PIL does here, so the input is the same): PSNR >= 30 dB and a mean absolute error <= 6
+levels. The tiny random-weight model's output is close to noise, JPEG's worst case (measured: 31.9 dB,
+5.1 levels); at 4:2:0 it would be 25.9 dB, 9.7 levels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from turbo_trt.benchmarks.serve_bench import free_ports
+from turbo_trt.runner import TurboPipeline
+
+START_TIMEOUT_S = 120
+WAIT = 60.0  # any single reply on two busy shared cores
+MAX_CLIENTS = 3
+MAX_MESSAGE = 65536
+
+
+class LiveServer:
+    def __init__(self, bundle: Path, log: Path) -> None:
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "turbo_trt.cli", "live", "--engines", str(bundle), "--port", str(self.port),
+             "--executor", "onnxruntime", "--max-clients", str(MAX_CLIENTS), "--max-message", str(MAX_MESSAGE)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+
+    def health(self) -> dict:
+        return json.loads(self.get("/health")[2])
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"turbo-trt live exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.health()["status"] == "ready":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"turbo-trt live did not get ready in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def wait_clients(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.health()["clients"] != count:
+            assert time.monotonic() < deadline, f"clients stayed at {self.health()['clients']}, expected {count}"
+            time.sleep(0.05)
+
+    def ws(self):
+        return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=10, close_timeout=5, max_size=2**24)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=10)
+        self._log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def live(sd_bundle, tmp_path_factory):
+    server = LiveServer(sd_bundle[0], tmp_path_factory.mktemp("live") / "live.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_bundle):
+    pipe = TurboPipeline.from_bundle(sd_bundle[0], executor="onnxruntime")
+    yield pipe
+    pipe.close()
+
+
+def picture(seed: int, fmt: str = "PNG", size: tuple[int, int] = (64, 64)) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    small.save(out, format=fmt)
+    return out.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def direct(pipe, prompt, seed, steps, image=None, strength=0.5):
+    return pipe(prompt, image=image, strength=strength, num_inference_steps=steps, seed=seed, output_type="np")[0]
+
+
+def receive_result(ws) -> tuple[dict, np.ndarray]:
+    meta = json.loads(ws.recv(timeout=WAIT))
+    assert "error" not in meta, meta
+    assert set(meta) == {"seq", "latency_ms", "skipped", "dropped", "fps"}
+    data = ws.recv(timeout=WAIT)
+    assert isinstance(data, bytes)
+    return meta, decoded(data)
+
+
+def receive_error(ws) -> dict:
+    reply = json.loads(ws.recv(timeout=WAIT))
+    assert set(reply) >= {"error", "field"}, reply
+    return reply
+
+
+def test_page_health_and_config(live):
+    status, headers, body = live.get("/")
+    page = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    for element in ('id="prompt"', 'id="seed"', 'id="steps"', 'id="strength"', 'id="camera"', 'id="upload"',
+                    'id="output"', 'id="stats"'):
+        assert element in page
+    assert "http://" not in page and "https://" not in page  # nothing from elsewhere (no CDN)
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert live.get("/static/live.js")[0] == 200 and live.get("/static/live.css")[0] == 200
+    health = live.health()
+    assert health["status"] == "ready" and health["max_clients"] == MAX_CLIENTS and health["executor"] == "onnxruntime"
+    config = json.loads(live.get("/config")[2])
+    assert (config["width"], config["height"], config["max_steps"], config["img2img"]) == (64, 64, 4, True)
+    assert f"serving {live.url}" in live.log()
+
+
+def test_results_equal_direct_calls(live, pipe):
+    frame_png, frame_jpeg = picture(1), picture(2, "JPEG")
+    with live.ws() as ws:
+        ws.send(json.dumps({"format": "png", "prompt": "a red cat", "seed": 3, "steps": 2}))  # nothing in flight: txt2img
+        meta, image = receive_result(ws)
+        assert meta["seq"] == 0 and not meta["skipped"] and meta["dropped"] == 0 and meta["latency_ms"] > 0
+        np.testing.assert_array_equal(image, direct(pipe, "a red cat", 3, 2))
+        ws.send(json.dumps({"strength": 0.5}))  # no prompt: settings only
+        ws.send(frame_png)
+        meta, image = receive_result(ws)
+        assert meta["seq"] == 1
+        np.testing.assert_array_equal(image, direct(pipe, "a red cat", 3, 2, decoded(frame_png)))
+        ws.send(json.dumps({"prompt": "a dog", "seed": 4}))
+        meta, image = receive_result(ws)
+        assert meta["seq"] == 2
+        np.testing.assert_array_equal(image, direct(pipe, "a dog", 4, 2))
+        ws.send(json.dumps({"format": "jpeg", "steps": 4, "strength": 0.75}))
+        ws.send(frame_jpeg)
+        meta, image = receive_result(ws)
+        assert meta["seq"] == 3 and meta["fps"] >= 0
+        want = direct(pipe, "a dog", 4, 4, decoded(frame_jpeg), 0.75)
+        error = image.astype(np.float64) - want
+        psnr = 10 * np.log10(255.0**2 / max(float(np.mean(error**2)), 1e-12))
+        assert psnr >= 30.0 and np.abs(error).mean() <= 6.0, (psnr, np.abs(error).mean())
+        ws.send(json.dumps({"similarity": 0.98}))
+        ws.send(frame_jpeg)
+        meta, again = receive_result(ws)
+        assert meta["seq"] == 4  # similarity turned on after frame 3 ran: no thumbnail to compare with, runs
+        ws.send(frame_jpeg)
+        meta, skipped = receive_result(ws)
+        assert meta["seq"] == 5 and meta["skipped"]
+        np.testing.assert_array_equal(skipped, again)
+
+
+def test_every_bad_message_gets_an_error_and_the_connection_stays(live, pipe):
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    bad: list[tuple[str | bytes, str]] = [
+        ("not json", "message"),
+        ("[1, 2]", "message"),
+        (json.dumps({"colour": "red"}), "colour"),
+        (json.dumps({"prompt": 5}), "prompt"),
+        (json.dumps({"seed": -1}), "seed"),
+        (json.dumps({"seed": 1.5}), "seed"),
+        (json.dumps({"steps": 9}), "steps"),
+        (json.dumps({"strength": 2}), "strength"),
+        (json.dumps({"similarity": 1.5}), "similarity"),
+        (json.dumps({"format": "gif"}), "format"),
+        (json.dumps({"prompt": "x" * MAX_MESSAGE}), "message"),
+        (b"\x89PNG not really", "frame"),
+        (gif.getvalue(), "frame"),
+        (picture(5, size=(64, 32)), "frame"),  # another aspect ratio
+        (b"\0" * (MAX_MESSAGE + 1), "message"),
+    ]
+    with live.ws() as ws:
+        for message, name in bad:
+            ws.send(message)
+            reply = receive_error(ws)
+            assert reply["field"] == name, (message[:40], reply)
+        ws.send(json.dumps({"steps": 1}))  # fine alone: 1 step of text-to-image ...
+        ws.send(picture(6))  # ... but 1 step at strength 0.5 runs no image-to-image step
+        reply = receive_error(ws)
+        assert reply["field"] == "strength" and "0 steps" in reply["error"]
+        ws.send(json.dumps({"format": "png", "prompt": "still here", "seed": 1}))
+        meta, image = receive_result(ws)
+        assert meta["seq"] == 0  # none of the bad messages queued anything
+        np.testing.assert_array_equal(image, direct(pipe, "still here", 1, 1))
+
+
+def test_client_limit(live):
+    live.wait_clients(0)
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(live.ws()) for _ in range(MAX_CLIENTS)]
+        live.wait_clients(MAX_CLIENTS)
+        with live.ws() as extra:
+            with pytest.raises(ConnectionClosed) as info:
+                extra.recv(timeout=WAIT)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+        assert f"the limit is {MAX_CLIENTS} (--max-clients)" in info.value.rcvd.reason
+        clients[0].close()
+        live.wait_clients(MAX_CLIENTS - 1)
+        with live.ws() as again:
+            again.send(json.dumps({"prompt": "a seat is free"}))
+            receive_result(again)
+    live.wait_clients(0)
+
+
+def test_disconnect_mid_frame_costs_the_others_nothing(live, pipe):
+    """A client sends a burst of slow frames and leaves at once: its waiting frames never run, and another
+    client's results keep coming, equal to direct calls."""
+    live.wait_clients(0)
+    runs_before = live.health()["runs"]
+    frames = [picture(20 + i) for i in range(20)]
+    with live.ws() as other:
+        other.send(json.dumps({"format": "png", "prompt": "the other client", "seed": 9, "steps": 2}))
+        receive_result(other)
+        with live.ws() as leaving:
+            leaving.send(json.dumps({"steps": 4, "strength": 1.0}))
+            for data in frames:
+                leaving.send(data)
+        for i in range(3):
+            other.send(frames[i])
+            meta, image = receive_result(other)
+            np.testing.assert_array_equal(image, direct(pipe, "the other client", 9, 2, decoded(frames[i])))
+    live.wait_clients(0)
+    runs = live.health()["runs"] - runs_before
+    assert runs < 4 + len(frames), f"{runs} engine runs: the leaving client's waiting frames ran"
+    time.sleep(0.3)
+    assert live.health()["runs"] - runs_before == runs  # nothing of the leaving client is left to run
+
+
+# -- the page in a real browser ------------------------------------------------------------------------------
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+def test_page_in_chromium(live, tmp_path):
+    """Type a prompt and see #output change; start the (fake) camera and see frames flow with fps in #stats;
+    no console errors; a screenshot for the test log."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium (see .ci/run)")
+    live.wait_clients(0)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+                                    env={**os.environ, "HOME": str(tmp_path)})
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(live.url)
+            page.wait_for_function("document.body.dataset.state === 'ready'", timeout=WAIT * 1000)
+            page.locator("#prompt").press_sequentially("a red fox", delay=30)
+            page.wait_for_function("document.querySelector('#output').src.startsWith('blob:')", timeout=WAIT * 1000)
+            first = page.locator("#output").get_attribute("src")
+            page.locator("#prompt").press_sequentially(" in the snow", delay=30)
+            page.wait_for_function(f"document.querySelector('#output').src !== {first!r}", timeout=WAIT * 1000)
+            page.locator("#camera").click()
+            page.wait_for_function("Number(document.querySelector('#stats').dataset.results) >= 12 && "
+                                   "Number(document.querySelector('#stats').dataset.fps) > 0", timeout=WAIT * 1000)
+            stats = page.locator("#stats").inner_text()
+            assert "fps" in stats and float(stats.split(" fps")[0]) > 0, stats
+            assert page.evaluate("document.querySelector('#output').naturalWidth") == 64
+            shot = tmp_path / "live-page.png"
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot}")
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            page.screenshot(path=str(tmp_path / "live-page-phone.png"))
+            print(f"screenshot: {tmp_path / 'live-page-phone.png'}")
+        finally:
+            browser.close()
+    assert problems == []
