@@ -331,3 +331,49 @@ def test_serving_warm_up_captures_every_graph(trt_pipe):
         assert stats["graphs_captured"] == 2 * len(all_plans(fork.scheduler)) and stats["capture_failures"] == 0
     finally:
         fork.close()
+
+
+def test_launch_then_wait_equals_run(trt_pipe):
+    """The split launch / wait of frame streams: the same image as `run`, one launch in flight at a time, and
+    the executor usable after each wait."""
+    from turbo_trt.errors import ExecutionError
+    from turbo_trt.runner.inputs import make_noise
+
+    fork = trt_pipe.fork()
+    try:
+        executor = fork.executor
+        image = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+        for mode in ("txt2img", "img2img"):
+            plan = fork.plan(2, 0.5 if mode == "img2img" else None)
+            ids = fork.token_ids(["a launched cat"])
+            noise = make_noise(7, (1, 4, 8, 8), mode == "img2img", 0)
+            pixels = image if mode == "img2img" else None
+            want, _ = executor.run(ids, plan, noise, pixels)
+            launched = executor.launch(ids, plan, noise, pixels)
+            with pytest.raises(ExecutionError, match="still in flight"):
+                executor.launch(ids, plan, noise, pixels)
+            with pytest.raises(ExecutionError, match="still in flight"):
+                executor.run(ids, plan, noise, pixels)
+            got, nonfinite = executor.wait(launched)
+            assert nonfinite == 0
+            np.testing.assert_array_equal(got, want)
+            with pytest.raises(ExecutionError, match="not have in flight"):
+                executor.wait(launched)
+            np.testing.assert_array_equal(executor.run(ids, plan, noise, pixels)[0], want)
+    finally:
+        fork.close()
+
+
+def test_stream_on_tensorrt_equals_direct_calls(trt_pipe):
+    frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with trt_pipe.stream("a streamed cat", steps=2, strength=0.5, seed=3) as stream:
+        stream.push(frame)
+        result = stream.get(timeout=60)
+        assert result is not None and not result.skipped
+        np.testing.assert_array_equal(result.image, trt_pipe("a streamed cat", image=frame, strength=0.5,
+                                                             num_inference_steps=2, seed=3, output_type="np")[0])
+        stream.push(prompt="a streamed dog")
+        result = stream.get(timeout=60)
+        assert result is not None
+        np.testing.assert_array_equal(result.image, trt_pipe("a streamed dog", num_inference_steps=2, seed=3,
+                                                             output_type="np")[0])
