@@ -571,7 +571,10 @@ class StreamPool:
                 self._work.notify_all()
             for stream in dict.fromkeys(notify):
                 if stream._notify is not None and not stream._closed:
-                    stream._notify()
+                    try:
+                        stream._notify()
+                    except Exception:  # noqa: S110 - a consumer that has gone away (e.g. its event loop closed)
+                        pass
             running = job
 
     def _finish(self, executor: Any, job: _Job) -> _Job:

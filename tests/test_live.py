@@ -207,6 +207,7 @@ def test_every_bad_message_gets_an_error_and_the_connection_stays(live, pipe):
         (json.dumps({"strength": 2}), "strength"),
         (json.dumps({"similarity": 1.5}), "similarity"),
         (json.dumps({"format": "gif"}), "format"),
+        (json.dumps({"prompt": None}), "prompt"),
         (json.dumps({"prompt": "x" * MAX_MESSAGE}), "message"),
         (b"\x89PNG not really", "frame"),
         (gif.getvalue(), "frame"),
@@ -270,6 +271,18 @@ def test_disconnect_mid_frame_costs_the_others_nothing(live, pipe):
     assert live.health()["runs"] - runs_before == runs  # nothing of the leaving client is left to run
 
 
+def test_live_server_imports_no_torch(tmp_path):
+    from .conftest import write_import_blocker
+
+    env = write_import_blocker(tmp_path, ("torch", "diffusers", "transformers"))
+    code = ("import sys, turbo_trt.runner.live.server, turbo_trt.runner.live.app, turbo_trt.runner.stream, "
+            "turbo_trt.commands.live, starlette.applications, uvicorn\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
+            "assert not bad, bad\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 # -- the page in a real browser ------------------------------------------------------------------------------
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -305,7 +318,9 @@ def test_page_in_chromium(live, tmp_path):
                                    "Number(document.querySelector('#stats').dataset.fps) > 0", timeout=WAIT * 1000)
             stats = page.locator("#stats").inner_text()
             assert "fps" in stats and float(stats.split(" fps")[0]) > 0, stats
-            assert page.evaluate("document.querySelector('#output').naturalWidth") == 64
+            page.wait_for_function("document.querySelector('#output').complete && "
+                                   "document.querySelector('#output').naturalWidth > 0", timeout=WAIT * 1000)
+            assert page.evaluate("document.querySelector('#output').naturalWidth") == 64  # the bundle's size
             shot = tmp_path / "live-page.png"
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")

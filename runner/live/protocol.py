@@ -48,6 +48,9 @@ def parse_settings(text: str) -> dict[str, Any]:
     for key in settings:
         if key not in SETTINGS_KEYS:
             raise MessageError(key, f"{key}: unknown setting; known: {', '.join(SETTINGS_KEYS)}")
+    for key, value in settings.items():
+        if value is None and key != "similarity":
+            raise MessageError(key, f"{key}: must not be null (only similarity takes null, to turn the filter off)")
     if "format" in settings and settings["format"] not in FORMATS:
         raise MessageError("format", f"format: must be one of {', '.join(FORMATS)}, got {settings['format']!r}")
     return settings
