@@ -59,6 +59,8 @@ FPS_WINDOW = 32
 LATENCY_WINDOW = 512
 #: Distinct prompts / noise sets kept per stream (tokens and seeded noise are made once each).
 HOST_CACHE = 16
+#: `Stream.update`'s default for `similarity`: leave the filter as it is (None turns it off).
+KEEP: Any = object()
 
 
 class StreamInputError(InputError):
@@ -224,19 +226,19 @@ class Stream:
         return replace(current, **changes) if changes else current
 
     def update(self, *, prompt: str | None = None, seed: int | None = None, steps: int | None = None,
-               strength: float | None = None, similarity: float | None | str = "keep", max_skip: int | None = None) -> None:
+               strength: float | None = None, similarity: float | None = KEEP, max_skip: int | None = None) -> None:
         """Change settings for the inputs pushed from now on (all checked first: a bad one changes nothing).
         `similarity=None` turns the filter off, a number in (0, 1] turns it on."""
         settings = self._checked(prompt, seed, steps, strength)
-        if similarity != "keep" and similarity is not None and (
+        if similarity is not KEEP and similarity is not None and (
                 isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not 0.0 < similarity <= 1.0):
             raise StreamInputError("similarity", f"must be a number in (0, 1] or None (off), got {similarity!r}")
         if max_skip is not None and (isinstance(max_skip, bool) or not isinstance(max_skip, int) or max_skip < 0):
             raise StreamInputError("max_skip", f"must be an integer >= 0, got {max_skip!r}")
         with self._lock:
             self._settings = settings
-            if similarity != "keep":
-                self._similarity = None if similarity is None else float(similarity)  # type: ignore[arg-type]
+            if similarity is not KEEP:
+                self._similarity = None if similarity is None else float(similarity)
             if max_skip is not None:
                 self._max_skip = max_skip
 

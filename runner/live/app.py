@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..stream import FrameFailedError, Stream, StreamClosedError, StreamInputError, StreamPool
+from ..stream import KEEP, FrameFailedError, Stream, StreamClosedError, StreamInputError, StreamPool
 from .protocol import FORMATS, JPEG_QUALITY, MessageError, decode_frame, encode_image, parse_settings
 
 STATIC = Path(__file__).parent / "static"
@@ -120,9 +120,8 @@ class LiveApp:
                 await asyncio.get_running_loop().run_in_executor(None, self._push_frame, stream, data)
                 return None
             settings = parse_settings(text or "")
-            similarity = settings.get("similarity", "keep")
             stream.update(prompt=settings.get("prompt"), seed=settings.get("seed"), steps=settings.get("steps"),
-                          strength=settings.get("strength"), similarity=similarity)
+                          strength=settings.get("strength"), similarity=settings.get("similarity", KEEP))
             if "format" in settings:
                 state["format"] = settings["format"]
             if "prompt" in settings and stream.frames_in_flight == 0:
