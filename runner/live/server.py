@@ -88,8 +88,12 @@ def url(address: str, port: int) -> str:
 
 
 def serve(options: LiveOptions, log: Callable[[str], None]) -> None:
-    import uvicorn
-
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UsageError(f"turbo-trt live needs the `live` extra ({exc.name} is missing): "
+                         "pip install 'turbo-trt[live]'") from None
     options.check()
     pool, executor = load_pool(options, log)
     try:
