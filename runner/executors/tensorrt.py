@@ -366,7 +366,9 @@ class TensorRTExecutor(Executor):
             except Exception as exc:
                 self._abandon(launched.new_slot)
                 raise self._recover("synchronize", exc) from exc
-            return self._finish(launched.key, launched.new_slot)
+            result = self._finish(launched.key, launched.new_slot)
+        self.engines.save_runtime_cache_if_changed()  # as `run`: outside the image (it waits for other forks')
+        return result
 
     def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
