@@ -34,6 +34,8 @@ def _memory_gib() -> float | None:
 
 
 def git_commit(root: Path | None = None) -> str | None:
+    """HEAD (with -dirty for uncommitted changes); where the tree has no .git (the GPU lease machine),
+    TURBO_TRT_COMMIT, which the GPU kit sets from the commit it was packed from."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=root or Path(__file__).resolve().parent, check=True).stdout.strip()
@@ -41,7 +43,7 @@ def git_commit(root: Path | None = None) -> str | None:
                                text=True, timeout=10, cwd=root or Path(__file__).resolve().parent).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("TURBO_TRT_COMMIT") or None
 
 
 def environment() -> dict[str, Any]:

@@ -254,6 +254,15 @@ def write_carries(calls: list[list[Piece]], out: Path, prefix: str) -> list[Path
     return folders
 
 
+def _commit(repo: Path) -> dict[str, Any]:
+    """The commit the kit was packed from (the GPU machine gets a working tree without .git): its hash and
+    whether the tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -279,26 +288,33 @@ def prepare(repo: Path, out: Path, python: str | None, bundle: Path, ort: bool, 
     if out.exists():
         for old in out.glob("[co][0-9]*"):
             shutil.rmtree(old)
-    for prefix, series in (("c", base), ("o", ort_series)):
-        if not series:
-            continue
-        files = []
-        for archive in series:
-            start = time.perf_counter()
-            path = compress(archive, archives_dir)
-            files.append((archive, path))
-            report["archives"][archive.name] = {
-                "raw_mib": round(archive.raw_bytes() / MIB, 2), "xz_mib": round(path.stat().st_size / MIB, 2),
-                "files": len(archive.members), "seconds": round(time.perf_counter() - start, 1)}
-        for folder in write_carries(plan_calls(files, budget), out, prefix):
-            size = folder_bytes(folder)
-            pieces = json.loads((folder / "kit.json").read_text())["pieces"]
-            report["calls"][folder.name] = {"carry_mib": round(size / MIB, 2),
-                                            "with_tree_mib": round((size + tree) / MIB, 2),
-                                            "pieces": [e["file"] for e in pieces]}
-            if size + tree > CALL_LIMIT:
-                raise SystemExit(f"{folder.name} would carry {(size + tree) / MIB:.1f} MiB with the working tree, "
-                                 f"over the {CALL_LIMIT // MIB} MiB a call may carry")
+    files: list[tuple[Archive, Path]] = []
+    for archive in [*base, *ort_series]:
+        start = time.perf_counter()
+        path = compress(archive, archives_dir)
+        files.append((archive, path))
+        report["archives"][archive.name] = {
+            "raw_mib": round(archive.raw_bytes() / MIB, 2), "xz_mib": round(path.stat().st_size / MIB, 2),
+            "files": len(archive.members), "seconds": round(time.perf_counter() - start, 1)}
+    # One plan for both series: the ONNX Runtime archive starts in the room the base series leaves in its last
+    # call (stored there, extracted only once all its parts came), so the fallback needs the fewest calls.
+    calls = plan_calls(files, budget)
+    base_names = {a.name for a in base}
+    last_base = max(i for i, call in enumerate(calls) if any(p.archive in base_names for p in call))
+    folders = [*write_carries(calls[: last_base + 1], out, "c"), *write_carries(calls[last_base + 1:], out, "o")]
+    commit = _commit(repo)
+    for folder in folders:
+        manifest = json.loads((folder / "kit.json").read_text())
+        manifest["commit"] = commit
+        (folder / "kit.json").write_text(json.dumps(manifest, indent=1))
+        size = folder_bytes(folder)
+        report["calls"][folder.name] = {"carry_mib": round(size / MIB, 2),
+                                        "with_tree_mib": round((size + tree) / MIB, 2),
+                                        "pieces": [e["file"] for e in manifest["pieces"]]}
+        if size + tree > CALL_LIMIT:
+            raise SystemExit(f"{folder.name} would carry {(size + tree) / MIB:.1f} MiB with the working tree, "
+                             f"over the {CALL_LIMIT // MIB} MiB a call may carry")
+    report["commit"] = commit
     (out / "plan.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -335,27 +351,38 @@ def _safe_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def unpack(carries: list[Path], store: Path, root: Path) -> dict[str, str]:
-    """Copy each carry's parts into `store`, then extract every archive whose parts are all there (once).
-    Returns archive -> what happened ("unpacked into ...", "waiting for parts ...", "already unpacked")."""
+    """Copy each carry's parts into `store` (each through a .tmp file renamed once complete: a call cut short
+    leaves no half part), then extract every archive whose parts are all there (once). An archive whose parts
+    do not add up to the packed sha256 loses its parts and index entry, and the error names the carry folders
+    to send again. Returns archive -> what happened ("unpacked into ...", "waiting for parts ...", "already
+    unpacked"). The commit the kit was packed from goes into `root/commit.json`."""
     store.mkdir(parents=True, exist_ok=True)
     index_file = store / "index.json"
     index: dict[str, dict[str, Any]] = json.loads(index_file.read_text()) if index_file.exists() else {}
     for carry in carries:
-        manifest = carry / "kit.json"
-        if not manifest.is_file():
+        manifest_file = carry / "kit.json"
+        if not manifest_file.is_file():
             continue
-        for piece in json.loads(manifest.read_text())["pieces"]:
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("commit"):
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "commit.json").write_text(json.dumps(manifest["commit"]))
+        for piece in manifest["pieces"]:
             if (store / f"{piece['archive']}.done").exists():
                 continue
             entry = index.setdefault(piece["archive"], {"dest": piece["dest"], "parts": piece["parts"],
-                                                        "sha256": piece["sha256"], "have": []})
+                                                        "sha256": piece["sha256"], "have": [], "from": {}})
             target = store / piece["file"]
             if not target.exists():
-                shutil.copyfile(carry / piece["file"], target)
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(carry / piece["file"], tmp)
+                tmp.rename(target)
             if piece["part"] not in entry["have"]:
                 entry["have"].append(piece["part"])
+            entry.setdefault("from", {})[str(piece["part"])] = manifest.get("call", carry.name)
+    index_file.write_text(json.dumps(index))
     outcome = {}
-    for name, entry in index.items():
+    for name, entry in list(index.items()):
         done = store / f"{name}.done"
         if done.exists():
             outcome[name] = "already unpacked"
@@ -365,7 +392,13 @@ def unpack(carries: list[Path], store: Path, root: Path) -> dict[str, str]:
             continue
         parts = [store / f"{name}.tar.xz.part{i:02d}" for i in range(entry["parts"])]
         if sha256_of(parts) != entry["sha256"]:
-            raise RuntimeError(f"{name}: the parts do not add up to the packed archive (sha256 differs)")
+            for part in parts:
+                part.unlink(missing_ok=True)
+            del index[name]
+            index_file.write_text(json.dumps(index))
+            resend = sorted(set(entry.get("from", {}).values())) or ["the folders that carry it"]
+            raise RuntimeError(f"{name}: the parts do not add up to the packed archive (sha256 differs); its parts "
+                               f"were dropped: send again carry {', '.join(resend)}")
         dest = root / entry["dest"]
         dest.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -382,18 +415,23 @@ def unpack(carries: list[Path], store: Path, root: Path) -> dict[str, str]:
 
 def link_package(repo: Path, site: Path) -> Path:
     """turbo_trt importable from `site` without pip: turbo_trt/ mirrored with links, and builder/, runner/
-    and benchmarks/ linked in as its subpackages (the package-dir mapping of pyproject.toml)."""
+    and benchmarks/ linked in as its subpackages (the package-dir mapping of pyproject.toml). Left as it is
+    when every link already points where it would (a second call of the lease, an export running from it)."""
     package = site / "turbo_trt"
+    wanted = {entry.name: entry.resolve() for entry in (repo / "turbo_trt").iterdir() if entry.name != "__pycache__"}
+    wanted.update({sub: (repo / sub).resolve() for sub in ("builder", "runner", "benchmarks")})
+    if package.is_dir() and not package.is_symlink():
+        present = {p.name: p for p in package.iterdir()}
+        if set(present) == set(wanted) and all(
+                p.is_symlink() and Path(os.readlink(p)) == wanted[name] for name, p in present.items()):
+            return package
     if package.is_symlink() or package.is_file():
         package.unlink()
     elif package.exists():
         shutil.rmtree(package)
     package.mkdir(parents=True)
-    for entry in (repo / "turbo_trt").iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry.resolve())
-    for sub in ("builder", "runner", "benchmarks"):
-        (package / sub).symlink_to((repo / sub).resolve())
+    for name, target in wanted.items():
+        (package / name).symlink_to(target)
     return package
 
 
@@ -429,6 +467,27 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+#: The longest text kept for one string in the summary (longer ones keep their end: errors come last).
+TEXT_LIMIT = 20000
+
+
+def _trimmed(value: Any, limit: int = TEXT_LIMIT) -> Any:
+    """`value` with every string longer than `limit` cut to its last `limit` characters (JSON stays JSON)."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else "[...] " + value[-limit:]
+    if isinstance(value, dict):
+        return {k: _trimmed(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trimmed(v, limit) for v in value]
+    return value
+
+
+def read_value(path: Path, limit: int = TEXT_LIMIT) -> Any:
+    """A file for the summary: its whole JSON parsed first (then only long strings in it trimmed), else its
+    text's last `limit` characters."""
+    return _trimmed(_value(path.read_text(errors="replace")), limit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.file:
             key, _, path = item.partition("=")
             if Path(path).is_file():
-                values[key] = _value(Path(path).read_text(errors="replace")[-20000:])
+                values[key] = read_value(Path(path))
         out = os.environ.get("OUT")
         record(args.summary, Path(out) if out else None, args.phase, values)
     return 0

@@ -1,16 +1,18 @@
 """Does TensorRT-RTX run on this GPU? Run THERE (the GPU machine), phase (a) of benchmarks/gpu/run.sh:
 
-    python3 -m turbo_trt.benchmarks.rtx_probe OUT.json --bundle PREBUILT_TINY_BUNDLE --work DIR
+    python3 -m turbo_trt.benchmarks.rtx_probe OUT.json --bundle PREBUILT_TINY_BUNDLE --work DIR [--budget S]
 
 Two attempts on the tiny SD-Turbo bundle, nothing exported here:
 1. `portable`: the prebuilt bundle as it travelled, its engines built on a CPU machine with TensorRT-RTX's
    default (portable) targets;
 2. `targets-current`: a copy of it whose engines this machine compiles with `--targets current` from the
    same ONNX (the builder rebuilds the engines only).
-For each: TensorRT-RTX's `get_engine_validity` answer (the function `auto` asks), `auto`'s choice and
-reasons, whether the engines deserialize, whether an image comes out, and how far it is from the ONNX
-Runtime CPU executor's; every error and warning word for word. The JSON is rewritten after each step, so
-a probe cut short by its timeout still says how far it got. The script itself only fails on a bug.
+Each attempt runs in a child process of its own under its own timeout (a crash or a hang in one loses nothing
+of the other); their JSON is merged. For each: TensorRT-RTX's `get_engine_validity` answer (the function
+`auto` asks), `auto`'s choice and reasons, whether the engines deserialize, whether an image comes out, and
+how far it is from the ONNX Runtime CPU executor's; every error and warning word for word. The JSON is
+rewritten after each step, so a probe cut short by its timeout still says how far it got. The script itself
+only fails on a bug.
 On a machine without a GPU (the rehearsal) each attempt stops where a GPU is needed and says so.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -138,14 +141,74 @@ def probe(out: Path, bundle: Path, work: Path, attempts: tuple[str, ...] = ATTEM
     return result
 
 
+#: Seconds each later attempt keeps of the budget while an earlier one runs.
+RESERVE_S = 80.0
+
+
+def probe_isolated(out: Path, bundle: Path, work: Path, attempts: tuple[str, ...] = ATTEMPTS,
+                   budget: float | None = None) -> dict[str, Any]:
+    """`probe`, each attempt in a child process of its own with its share of `budget` seconds (the later
+    attempts keep RESERVE_S each); what a child wrote before it crashed or timed out is kept, with its exit
+    and the end of its output."""
+    deadline = None if budget is None else time.monotonic() + budget
+    result: dict[str, Any] = {"prebuilt_bundle": str(bundle), "attempts": {}, "isolated": True}
+    work.mkdir(parents=True, exist_ok=True)
+    for index, label in enumerate(attempts):
+        part = work / f"{label}.json"
+        part.unlink(missing_ok=True)
+        limit = None
+        if deadline is not None:
+            limit = max(10.0, deadline - time.monotonic() - RESERVE_S * (len(attempts) - index - 1))
+        command = [sys.executable, "-m", "turbo_trt.benchmarks.rtx_probe", str(part), "--bundle", str(bundle),
+                   "--work", str(work), "--attempts", label, "--in-process"]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+            exit_code: Any = done.returncode
+            output = (done.stdout or "") + (done.stderr or "")
+        except subprocess.TimeoutExpired as exc:
+            exit_code = f"timed out after {limit:.0f} s"
+            output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                             for x in (exc.stdout, exc.stderr))
+        child: dict[str, Any] = {}
+        try:
+            child = json.loads(part.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            child = {"attempts": {label: {"error": f"the child wrote no readable JSON: {exc}"}}}
+        for key in ("gpu", "tensorrt_rtx"):
+            if key in child:
+                result.setdefault(key, child[key])
+        entry = child.get("attempts", {}).get(label, {})
+        entry["child"] = {"exit": exit_code, "seconds": round(time.perf_counter() - start, 1),
+                          "timeout_s": None if limit is None else round(limit), "output_tail": output[-3000:]}
+        if exit_code != 0:
+            entry["ran"] = False
+            entry.setdefault("error", f"the attempt's process ended with {exit_code}")
+        result["attempts"][label] = entry
+        _write(out, result)
+        print(label, json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "child")})[:1500],
+              f"(child exit {exit_code})", flush=True)
+    ran = [label for label in attempts if result["attempts"][label].get("ran")]
+    result["runs"] = ran
+    result["verdict"] = (f"TensorRT-RTX runs here ({', '.join(ran)})" if ran else
+                         "TensorRT-RTX does not run here: see each attempt's error")
+    _write(out, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--bundle", type=Path, required=True, help="the prebuilt tiny SD-Turbo bundle")
     parser.add_argument("--work", type=Path, required=True, help="where the attempts' bundle copies go")
     parser.add_argument("--attempts", nargs="+", choices=ATTEMPTS, default=list(ATTEMPTS))
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for all attempts (each later attempt keeps {RESERVE_S:.0f} s)")
+    parser.add_argument("--in-process", action="store_true", help="run the attempts in this process (the child)")
     args = parser.parse_args(argv)
-    result = probe(args.out, args.bundle, args.work, tuple(args.attempts))
+    run = probe if args.in_process else probe_isolated
+    kwargs = {} if args.in_process else {"budget": args.budget}
+    result = run(args.out, args.bundle, args.work, tuple(args.attempts), **kwargs)
     print(result["verdict"])
     return 0
 

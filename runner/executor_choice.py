@@ -38,12 +38,20 @@ def _recording_logger(trt: Any) -> Any:
     """An ILogger that keeps every message (TensorRT-RTX says why a validity check failed only in its log)."""
 
     class _Recorder(trt.ILogger):  # type: ignore[misc, name-defined]
+        """Keeps WARNING, ERROR and INTERNAL_ERROR messages (INFO and VERBOSE would bury the answer), at most
+        MAX_MESSAGES of them, each cut to MAX_MESSAGE characters."""
+
+        MAX_MESSAGES, MAX_MESSAGE = 20, 500
+
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.messages: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            self.messages.append(str(msg).strip())
+            if int(severity) > int(trt.ILogger.Severity.WARNING) or len(self.messages) >= self.MAX_MESSAGES:
+                return
+            text = str(msg).strip()
+            self.messages.append(text if len(text) <= self.MAX_MESSAGE else text[: self.MAX_MESSAGE] + " [...]")
 
     return _Recorder()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,95 @@ def test_summary_grows_and_is_copied_out(tmp_path):
     data = json.loads((out / "summary.json").read_text())
     assert data["phases"] == {"probe": {"runs": ["portable"], "seconds": 12}, "tests": {"exit": 0}}
     assert json.loads(summary.read_text()) == data
+
+
+def _small_archives(sd_bundle) -> tuple[Archive, Archive]:
+    meta = Archive("metadata", "site", distribution_files(find_distribution("importlib_metadata", [site_packages()])),
+                   preset=1)
+    onnx = {k: v for k, v in folder_files(sd_bundle[0]).items() if k.startswith("text_encoder")}
+    return meta, Archive("onnxruntime-gpu", "site/ort", onnx, preset=0)
+
+
+def test_prepare_starts_the_onnxruntime_series_in_the_last_base_call(tmp_path, sd_bundle, monkeypatch):
+    """The ONNX Runtime archive fills the room the base series leaves in its last call (so the fallback needs
+    the fewest calls), continues in o1..; every kit.json names the commit packed from."""
+    meta, ort = _small_archives(sd_bundle)
+    monkeypatch.setattr(gpu_kit, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(gpu_kit, "kit_archives", lambda sites, bundle, ort_dist: ([meta], [ort] if ort_dist else []))
+    room = compress(meta, tmp_path / "cache" / "archives").stat().st_size + 8192  # 8 KiB left for ort's start
+    assert compress(ort, tmp_path / "cache" / "archives").stat().st_size > room
+    report = gpu_kit.prepare(ROOT, tmp_path / "kit", None, sd_bundle[0], True, room, [])
+    calls = report["calls"]
+    assert list(calls)[0] == "c1" and "c2" not in calls and "o1" in calls, calls
+    assert calls["c1"]["pieces"][0].startswith("metadata") and calls["c1"]["pieces"][-1] == "onnxruntime-gpu.tar.xz.part00"
+    assert sum(p.stat().st_size for p in (tmp_path / "kit" / "c1").glob("*.part*")) == room  # filled up
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    manifest = json.loads((tmp_path / "kit" / "c1" / "kit.json").read_text())
+    assert manifest["commit"]["commit"] == head and isinstance(manifest["commit"]["dirty"], bool)
+    done: dict[str, str] = {}
+    for name in calls:  # all calls arrive: both archives unpack, the commit is recorded THERE
+        got = unpack([tmp_path / "kit" / name], tmp_path / "there" / "store", tmp_path / "there")
+        done.update({k: v for k, v in got.items() if v.startswith("unpacked into")})
+    assert set(done) == {"metadata", "onnxruntime-gpu"}, done
+    assert json.loads((tmp_path / "there" / "commit.json").read_text())["commit"] == head
+
+
+def test_damaged_archive_dropped_and_its_carries_named(tmp_path, sd_bundle):
+    """A part that does not add up: the store forgets the archive (parts and index entry) and the error names
+    the carry folders to send again; sent again intact, it unpacks."""
+    meta, _ = _small_archives(sd_bundle)
+    files = [(meta, compress(meta, tmp_path / "archives"))]
+    folders = write_carries(plan_calls(files, budget=files[0][1].stat().st_size // 2 + 1), tmp_path / "c", "c")
+    assert len(folders) == 2
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders[1], damaged / "c2")
+    part = next((damaged / "c2").glob("*.part01"))
+    part.write_bytes(part.read_bytes()[:-1] + bytes([part.read_bytes()[-1] ^ 1]))
+    store, root = tmp_path / "there" / "store", tmp_path / "there"
+    unpack([folders[0]], store, root)
+    with pytest.raises(RuntimeError, match="send again carry c1, c2"):
+        unpack([damaged / "c2"], store, root)
+    assert not list(store.glob("metadata*part*")) and "metadata" not in json.loads((store / "index.json").read_text())
+    assert not list(store.glob("*.tmp"))
+    done = unpack(folders, store, root)
+    assert done["metadata"].startswith("unpacked into")
+
+
+def test_summary_keeps_a_long_json_file_whole(tmp_path):
+    """A result file longer than the text limit stays JSON (only its long strings are cut, keeping their end)."""
+    result = {"runs": ["portable"], "attempts": {"portable": {"ran": True, "log": "x" * 30000 + "END"}},
+              "filler": ["y" * 100] * 300}
+    path = tmp_path / "rtx-probe.json"
+    path.write_text(json.dumps(result, indent=2))
+    assert len(path.read_text()) > 2 * gpu_kit.TEXT_LIMIT
+    value = gpu_kit.read_value(path)
+    assert value["runs"] == ["portable"] and value["filler"] == result["filler"]
+    log = value["attempts"]["portable"]["log"]
+    assert log.endswith("END") and len(log) <= gpu_kit.TEXT_LIMIT + 10
+    (tmp_path / "log.txt").write_text("a" * 25000 + "the end")
+    text = gpu_kit.read_value(tmp_path / "log.txt")
+    assert text.endswith("the end") and len(text) <= gpu_kit.TEXT_LIMIT + 10
+
+
+def test_run_sh_phases_on_a_fixture_carry(tmp_path, sd_bundle, monkeypatch):
+    """CI runs the lease script itself: run.sh unpacks a carry folder packed by prepare(), links the package,
+    records the packed commit, runs `env` and `ort` (no GPU: ONNX Runtime CUDA says why), and `full` fails at
+    once when no export was started (the rule that keeps it from waiting for nothing); the summary is in $OUT."""
+    meta, _ = _small_archives(sd_bundle)
+    monkeypatch.setattr(gpu_kit, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(gpu_kit, "kit_archives", lambda sites, bundle, ort_dist: ([meta], []))
+    report = gpu_kit.prepare(ROOT, tmp_path / "carries", None, sd_bundle[0], False, None, [])
+    kit, out = tmp_path / "kit", tmp_path / "out"
+    env = {**os.environ, "KIT": str(kit), "OUT": str(out), "CARRY_ROOT": str(tmp_path / "carries"), "REHEARSAL": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "LD_LIBRARY_PATH": ""}
+    done = subprocess.run(["bash", "benchmarks/gpu/run.sh", "env", "ort", "full:20"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr  # full could not run
+    summary = json.loads((out / "summary.json").read_text())
+    phases = summary["phases"]
+    assert "metadata: unpacked into" in phases["unpack"]["last"]
+    assert phases["env"]["environment"]["commit"].startswith(report["commit"]["commit"])
+    assert "cuda_unavailable_reason" in phases["ort"]["result"], phases["ort"]
+    assert "export was not started" in phases["full"]["error"] and phases["full"]["seconds"] < 20
+    assert (kit / "site" / "importlib_metadata" / "__init__.py").is_file()
+    assert (kit / "site" / "turbo_trt" / "runner").is_symlink()
