@@ -10,7 +10,7 @@
 #   tests    (b) tests/test_gpu.py on each GPU executor that runs, on the carried bundle  -> test_gpu.log
 #   full[:S] (c) full-size SD-Turbo engines (TensorRT-RTX if the probe ran, else ONNX Runtime CUDA), then a
 #            quick 1-step bench against diffusers FP16 eager; the export wait, the engine build and the bench
-#            share S seconds (default 280)                             -> bench-sd-1step.{json,md,png}
+#            share S seconds (default 260)                             -> bench-sd-1step.{json,md,png}
 #   ort      ONNX Runtime CUDA from the carried onnxruntime-gpu: can it start here, and why not
 # Timeouts (s, each `timeout -k 10`): env 60, probe 150, tests 150, full S, ort 60. A call's timeout_s must hold
 # the sum of its phases (plan.md); $OUT holds the summary so far when a call is cut short anyway.
@@ -126,7 +126,7 @@ status=0
 for phase in "$@"; do
 echo "=== $phase ($(date +%T))"
 start=$(date +%s)
-budget=${phase#*:}; [ "$budget" = "$phase" ] && budget=280
+budget=${phase#*:}; [ "$budget" = "$phase" ] && budget=260
 phase=${phase%%:*}
 case $phase in
   env)
