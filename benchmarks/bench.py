@@ -193,7 +193,8 @@ def _stages(pipe: Any, opts: BenchOptions) -> dict[str, dict[str, float]]:
     plan = pipe.plan(opts.steps, None)
     ids = pipe.token_ids([opts.prompt])
     samples: dict[str, list[float]] = {}
-    for i in range(max(3, opts.iterations // 2)):
+    passes = 3 if opts.quick else max(3, opts.iterations // 2)  # quick: the fewest passes a median needs
+    for i in range(passes):
         noise = make_noise(i, latent_shape(pipe.shapes), False, plan.runs if pipe.scheduler["ancestral"] else 0)
         for label, seconds in pipe.executor.run_profiled(ids, plan, noise, None):
             samples.setdefault(label, []).append(seconds)
@@ -292,7 +293,10 @@ def _runtime_cache_cold_starts(pipe: Any, opts: BenchOptions, log: Any) -> dict[
     return {"cache_file": str(engines.cache_file), **runs}
 
 
-def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
+def run_bench(opts: BenchOptions, log: Any = print, partial: Any = None) -> dict[str, Any]:
+    """Everything measured, as one dict. `partial(result)`, when given, is called after each stage (load,
+    timing, checks, stages, each baseline) with what is known so far (`complete` False), so a run cut short
+    still leaves its results behind."""
     from turbo_trt.gpu import current_gpu
     from turbo_trt.runner.executor_choice import EXECUTORS, ExecutorChoice, choose_executor
 
@@ -300,6 +304,8 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}")
     if opts.iterations < 2 or opts.warmup < 0 or opts.parallel < 1:
         raise UsageError("--iterations must be >= 2, --warmup >= 0 and --parallel >= 1")
+    if opts.quick and opts.parallel > 1:
+        opts = replace(opts, parallel=1)
     choice = choose_executor(opts.engines, opts.strict_targets) if opts.executor == "auto" \
         else ExecutorChoice(opts.executor)
     executor = choice.name
@@ -308,29 +314,11 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
     memory = _Memory(gpu is not None)
     log(f"loading {opts.engines} with the {executor} executor ...")
     pipe, cold, load_peak = _load(opts, executor, memory, count_allocations=True)
-    for i in range(opts.warmup):
-        pipe(opts.prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
-    allocator = getattr(getattr(pipe.executor, "engines", None), "allocator", None)
-    before_timing = (_device_free(), allocator.allocations if allocator else 0) if gpu is not None else None
-    log(f"timing {opts.iterations} images (prompt cache off) ...")
-    with pipe.executor.prompt_cache_disabled():
-        uncached = _timed(pipe, opts, [f"{opts.prompt} #{i}" for i in range(opts.iterations)])
-    log(f"timing {opts.iterations} images with a repeated prompt (cache on) ...")
-    cached = _timed(pipe, opts, [opts.prompt] * opts.iterations)
-    memory.mark("peak_after_runs")
-    log("checks (graph replay vs plain enqueue, allocation) ...")
-    checks = _checks(pipe, opts, before_timing)
-    log("per-stage pass ...")
-    stages = _stages(pipe, opts)
-    if opts.quick and opts.parallel > 1:
-        opts = replace(opts, parallel=1)
-    log(f"throughput with 1..{opts.parallel} runners ...")
-    throughput = _throughput(pipe, opts)
     manifest = pipe.bundle.manifest
-    peak, peak_source = _peak_for(gpu, opts.peak_tflops)
-    flops = bundle_flops(pipe.bundle.path, manifest)
     result: dict[str, Any] = {
         "schema": SCHEMA,
+        "complete": False,
+        "stage": "load",
         "environment": environment(),
         "bundle": {"path": str(opts.engines), "model": manifest["model"]["id"], "kind": manifest["model"]["kind"],
                    "family": manifest["model"]["family"], "shapes": manifest["shapes"],
@@ -342,23 +330,50 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
                      "prompt": opts.prompt, "parallel": opts.parallel, "guidance_scale": 0.0,
                      "quick": opts.quick},
         "cold_start": cold,
-        "cold_start_runtime_cache": _runtime_cache_cold_starts(pipe, opts, log),
         "load_host_peak_rss_mib": load_peak,
+    }
+
+    def reached(stage: str, **values: Any) -> None:
+        result.update(values, stage=stage)
+        if partial is not None:
+            partial(result)
+
+    reached("load")
+    for i in range(opts.warmup):
+        pipe(opts.prompt, num_inference_steps=opts.steps, seed=i, output_type="np")
+    allocator = getattr(getattr(pipe.executor, "engines", None), "allocator", None)
+    before_timing = (_device_free(), allocator.allocations if allocator else 0) if gpu is not None else None
+    log(f"timing {opts.iterations} images (prompt cache off) ...")
+    with pipe.executor.prompt_cache_disabled():
+        uncached = _timed(pipe, opts, [f"{opts.prompt} #{i}" for i in range(opts.iterations)])
+    log(f"timing {opts.iterations} images with a repeated prompt (cache on) ...")
+    cached = _timed(pipe, opts, [opts.prompt] * opts.iterations)
+    memory.mark("peak_after_runs")
+    reached("timing", latency=summarize(uncached), latency_cached_prompt=summarize(cached),
+            samples_ms=[round(s * 1e3, 3) for s in uncached])
+    log("checks (graph replay vs plain enqueue, allocation) ...")
+    checks = _checks(pipe, opts, before_timing)
+    reached("checks", checks=checks)
+    log("per-stage pass ...")
+    stages = _stages(pipe, opts)
+    reached("stages", stages=stages)
+    log(f"throughput with 1..{opts.parallel} runners ...")
+    throughput = _throughput(pipe, opts)
+    peak, peak_source = _peak_for(gpu, opts.peak_tflops)
+    flops = bundle_flops(pipe.bundle.path, manifest)
+    result.update({
+        "cold_start_runtime_cache": _runtime_cache_cold_starts(pipe, opts, log),
         "device_memory": pipe.executor.memory_report() if executor == "tensorrt" else None,
         "device_memory_line": pipe.executor.describe_memory() if executor == "tensorrt" else None,
-        "latency": summarize(uncached),
-        "latency_cached_prompt": summarize(cached),
-        "samples_ms": [round(s * 1e3, 3) for s in uncached],
-        "stages": stages,
         "throughput": throughput,
         "memory_mib": {"kind": "device (cudaMemGetInfo deltas)" if gpu else "host peak RSS growth",
                        **memory.points},
         "flops": {"per_image_gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
                   "peak_tflops": peak, "peak_source": peak_source,
                   "stages": _efficiency(stages, flops, pipe.batch, peak)},
-        "checks": checks,
         "baselines": [],
-    }
+    })
+    reached("throughput")
     for name in opts.baselines:
         from .baselines import run_baseline
 
@@ -367,5 +382,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> dict[str, Any]:
         if baseline.get("latency"):
             baseline["speedup_p50"] = round(baseline["latency"]["p50_ms"] / result["latency"]["p50_ms"], 2)
         result["baselines"].append(baseline)
+        reached(f"baseline {name}")
     pipe.close()
+    result.update(complete=True, stage="done")
     return result

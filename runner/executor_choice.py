@@ -3,8 +3,8 @@
 `auto` takes the first that can run: TensorRT (the bundle's engines, its flavor installed, a GPU among the
 engines' targets, and for TensorRT-RTX bundles every engine VALID or SUBOPTIMAL by TensorRT-RTX's own header
 check, `IRuntime.get_engine_validity`, whose answer is kept in the choice either way), then ONNX Runtime
-CUDA (the GPU build of onnxruntime and a GPU: a real one-node session on its provider), then ONNX Runtime on
-the CPU, which always can. Each one passed over gets a reason in plain words, which `generate` and `bench`
+CUDA (the GPU build of onnxruntime and a GPU: a real Conv + MatMul session on its provider, run once), then
+ONNX Runtime on the CPU, which always can. Each one passed over gets a reason in plain words, which `generate` and `bench`
 print, so a user sees at once why, say, a TensorRT-RTX bundle on an H100 ran on ONNX Runtime CUDA.
 """
 

@@ -91,6 +91,14 @@ class RuntimeCacheFile:
         self.digest = hashlib.sha256(data).hexdigest() if data else None
         return data
 
+    def accepted(self, serialize: Callable[[], Any]) -> None:
+        """The loaded bytes were deserialized: the digest becomes that of `serialize()` now (TensorRT-RTX may
+        serialize an equal cache to other bytes than the file's), so a save with nothing compiled since
+        rewrites nothing."""
+        blob = serialize()
+        data = bytes(memoryview(blob)) if blob is not None else b""
+        self.digest = hashlib.sha256(data).hexdigest() if data else self.digest
+
     def mark_changed(self) -> None:
         self.pending = True
 

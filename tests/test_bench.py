@@ -107,11 +107,17 @@ def test_quick_bench_uses_one_runner(sd_bundle):
     """--quick (the GPU kit's mode): throughput with the main runner only, and the setting recorded."""
     from turbo_trt.benchmarks.bench import BenchOptions, run_bench
 
-    result = run_bench(BenchOptions(engines=sd_bundle[0], iterations=2, warmup=0, parallel=3, baselines=(),
-                                    quick=True), log=lambda message: None)
+    seen: list[tuple[str, bool, int]] = []
+    result = run_bench(BenchOptions(engines=sd_bundle[0], iterations=8, warmup=0, parallel=3, baselines=(),
+                                    quick=True), log=lambda message: None,
+                       partial=lambda r: seen.append((r["stage"], r["complete"], len(json.dumps(r)))))
+    # the partial results grow stage by stage (bench --json rewrites its file each time), complete only at the end
+    assert [s[0] for s in seen] == ["load", "timing", "checks", "stages", "throughput"] and not any(s[1] for s in seen)
+    assert all(a[2] < b[2] for a, b in zip(seen, seen[1:])) and result["complete"] is True
+    assert all(stage["n"] == 3 for stage in result["stages"].values())  # quick: 3 per-stage passes, not 8 // 2
     assert [t["runners"] for t in result["throughput"]] == [1]
     assert result["settings"]["quick"] is True and result["settings"]["parallel"] == 1
-    assert len(result["samples_ms"]) == 2
+    assert len(result["samples_ms"]) == 8
 
 
 def test_check_lines_say_when_graph_replay_differs():

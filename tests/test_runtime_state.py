@@ -130,3 +130,22 @@ def test_runtime_cache_serialized_while_no_context_runs_and_written_only_when_ch
     assert again.writes == 0 and os.stat(path).st_ino == inode
     assert again.save(lambda: bytes(cache) + b"<>", ReadWriteLock().exclusive()) and again.writes == 1
     assert read_cache(path) == bytes(cache) + b"<>"
+
+
+def test_runtime_cache_accepted_compares_with_its_own_serialization(tmp_path):
+    """After TensorRT-RTX accepts the file, later saves compare with what the cache serializes to (which may
+    differ from the file's bytes): a save with nothing compiled since writes nothing; without `accepted` the
+    same save would rewrite the file."""
+    from turbo_trt.runner.rwlock import ReadWriteLock
+
+    path = cache_path(tmp_path, "gpu", "1.0")
+    assert write_cache(path, b"file bytes")
+    reserialized = lambda: b"same cache, other bytes"  # noqa: E731
+    store = RuntimeCacheFile(path)
+    assert store.load() == b"file bytes"
+    store.accepted(reserialized)
+    assert store.save(reserialized, ReadWriteLock().exclusive()) and store.writes == 0
+    assert read_cache(path) == b"file bytes"
+    plain = RuntimeCacheFile(path)
+    plain.load()
+    assert plain.save(reserialized, ReadWriteLock().exclusive()) and plain.writes == 1

@@ -185,6 +185,32 @@ def probe_model(size: int = 4) -> bytes:
     return _field(1, 8) + _field(2, b"turbo-trt") + _field(7, graph) + _field(8, opset)
 
 
+def check_model() -> bytes:
+    """y = MatMul(Conv(x, w), m) (x float32[1,1,4,4], w [1,1,1,1], m [4,4]), protobuf written out by hand:
+    running it once loads cuDNN (Conv) and cuBLAS (MatMul), the libraries a carried onnxruntime-gpu most often
+    misses, which an Add alone never touches."""
+    def value_info(name: str, dims: tuple[int, ...]) -> bytes:
+        shape = b"".join(_field(1, _field(1, d)) for d in dims)  # TensorShapeProto.dim { dim_value }
+        tensor = _field(1, 1) + _field(2, shape)  # elem_type FLOAT, shape
+        return _field(1, name.encode()) + _field(2, _field(1, tensor))
+
+    conv = _field(1, b"x") + _field(1, b"w") + _field(2, b"c") + _field(3, b"conv") + _field(4, b"Conv")
+    matmul = _field(1, b"c") + _field(1, b"m") + _field(2, b"y") + _field(3, b"matmul") + _field(4, b"MatMul")
+    graph = (_field(1, conv) + _field(1, matmul) + _field(2, b"check")
+             + _field(11, value_info("x", (1, 1, 4, 4))) + _field(11, value_info("w", (1, 1, 1, 1)))
+             + _field(11, value_info("m", (4, 4))) + _field(12, value_info("y", (1, 1, 4, 4))))
+    opset = _field(1, b"") + _field(2, 13)
+    return _field(1, 8) + _field(2, b"turbo-trt") + _field(7, graph) + _field(8, opset)
+
+
+def check_inputs() -> dict[str, Any]:
+    """Inputs for `check_model` (y = 2 * x @ m with m the identity: y == 2 * x)."""
+    import numpy as np
+
+    return {"x": np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), "w": np.full((1, 1, 1, 1), 2, np.float32),
+            "m": np.eye(4, dtype=np.float32)}
+
+
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[io.StringIO]:
     """ONNX Runtime's C++ log (why a provider library did not load) goes to file descriptor 2: read it."""
@@ -210,9 +236,10 @@ def _stderr_captured() -> Iterator[io.StringIO]:
 def cuda_unavailable_reason() -> str | None:
     """Why the ONNX Runtime CUDA provider cannot run here, or None when it can.
 
-    Opens a real one-node session asking for the CUDA provider (after `preload_cuda_libraries`) and reports
-    what ONNX Runtime said when it fell back: its warnings, its log, and the loader's error for the CUDA
-    provider library. Computed once per process."""
+    Opens a real Conv + MatMul session asking for the CUDA provider (after `preload_cuda_libraries`), runs it
+    once (cuDNN and cuBLAS load only then) and reports what ONNX Runtime said when it fell back or failed: the
+    exception, its warnings, its log, and the loader's error for the CUDA provider library. Computed once
+    per process."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -225,8 +252,9 @@ def cuda_unavailable_reason() -> str | None:
     with warnings.catch_warnings(record=True) as caught, _stderr_captured() as log:
         warnings.simplefilter("always")
         try:
-            session = ort.InferenceSession(probe_model(), options, providers=providers)
+            session = ort.InferenceSession(check_model(), options, providers=providers)
             ran_on = session.get_providers()
+            session.run(None, check_inputs())  # cuDNN and cuBLAS load at the first run, not at session creation
             error = None
         except Exception as exc:
             ran_on, error = [], f"{type(exc).__name__}: {exc}"
@@ -234,7 +262,7 @@ def cuda_unavailable_reason() -> str | None:
         return None
     said = [str(w.message).strip() for w in caught]
     said += [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.getvalue().splitlines() if line.strip()]
-    parts = [f"onnxruntime {version}: a one-node session asking for {CUDA_PROVIDER} "
+    parts = [f"onnxruntime {version}: a Conv + MatMul session asking for {CUDA_PROVIDER}, run once, "
              + (f"failed ({error})" if error else f"ran on {', '.join(ran_on)}")]
     if said:
         parts.append("ONNX Runtime said: " + " | ".join(dict.fromkeys(said)))

@@ -88,7 +88,9 @@ class TensorRTExecutor(Executor):
         self.stream = cuda.new_stream()
         self.contexts: dict[str, trt_api.IExecutionContext] = {}
         try:
-            self._load()
+            with engines.use_lock.shared():  # contexts are created against the shared runtime cache: no save now
+                self._load()
+            engines.runtime_cache_changed()  # creating contexts can compile into the cache: saved after an image
         except BaseException:
             self.contexts.clear()
             self.memory.free_all()
@@ -180,6 +182,14 @@ class TensorRTExecutor(Executor):
                 event = self._events[len(self._marks)]
                 cuda.record(event, s)
                 self._marks.append((op.name, event))
+
+    def _ran_eagerly(self, program: list[Op]) -> None:
+        """A plain (not captured) run enqueued these contexts: the first run of each compiles its kernels into
+        the runtime cache (saved after the image); a later capture needs no eager run of them."""
+        needed = {op.name for op in program if op.kind == "enqueue"}
+        if not needed <= self._warm:
+            self._warm |= needed
+            self.engines.runtime_cache_changed()
 
     def _graph(self, plan: Plan, with_encoders: bool) -> _Captured | None:
         key = (plan.key, with_encoders)
@@ -312,7 +322,9 @@ class TensorRTExecutor(Executor):
                 stage = "plain enqueue"
                 if self.use_graphs:
                     self.plain_runs += 1
-                self._execute(layout.program(plan, with_encoders))
+                program = layout.program(plan, with_encoders)
+                self._execute(program)
+                self._ran_eagerly(program)
             if new_slot is not None:
                 stage = "prompt cache store"
                 self._execute(layout.cache_copies(new_slot, store=True))
@@ -386,6 +398,7 @@ class TensorRTExecutor(Executor):
         try:
             cuda.record(self._events[-1], self.stream)
             self._execute(program)
+            self._ran_eagerly(program)
             cuda.synchronize(self.stream)
             recorded = self._marks
         except Exception as exc:

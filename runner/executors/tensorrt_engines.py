@@ -169,7 +169,9 @@ class EngineSet:
             self._configs.append(maker)
             blob = self.cache_store.load()
             self.cache_loaded = bool(blob) and bool(self.cache.deserialize(blob))
-            if blob and not self.cache_loaded:
+            if self.cache_loaded:
+                self.cache_store.accepted(self.cache.serialize)  # compare later saves with its own bytes
+            elif blob:
                 self.cache_store.digest = None  # refused: the first save replaces it
 
     def _has_runtime_cache(self) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .common import EXECUTOR_HELP, HelpFormatter, defaults, executors
 
@@ -45,6 +47,17 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--plot", type=Path, default=None, help="write a PNG: per-stage bars and latency histogram")
 
 
+def _partial_writer(path: Path | None) -> Callable[[dict[str, Any]], None] | None:
+    """With --json: the results so far rewritten (atomically) after each stage, "complete": false until the end."""
+    if not path:
+        return None
+    import json
+
+    from ..fsutil import atomic_write_bytes
+
+    return lambda result: atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -68,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         engines=engines, executor=args.executor, steps=args.steps, iterations=args.iterations, warmup=args.warmup,
         parallel=args.parallel, prompt=args.prompt, baselines=baselines, peak_tflops=args.peak_tflops,
         strict_targets=not args.ignore_targets, quick=args.quick,
-    ), log=lambda message: print(message, file=sys.stderr))
+    ), log=lambda message: print(message, file=sys.stderr), partial=_partial_writer(args.json))
     print(terminal(result))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
