@@ -10,7 +10,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..cache import SlotLRU
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..schedule import Plan
 
 #: (stage label, seconds) in execution order: "text_encoder", "unet[0]", ..., "vae_decoder".
@@ -21,7 +21,8 @@ class Executor(ABC):
     """Runs text encoder(s) -> UNet steps -> VAE decoder (VAE encoder first for img2img) on one bundle.
 
     `run` gets everything already checked and shaped to the bundle's batch; it returns the uint8 images
-    (B, H, W, 3) and the decoder's count of non-finite values.
+    (B, H, W, 3) and the decoder's count of non-finite values. `control` (ControlNet bundles): the control
+    images and per-run scales; None runs the nets at scale 0.
     """
 
     name: str = "executor"
@@ -33,12 +34,12 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-            image: np.ndarray | None) -> tuple[np.ndarray, int]:
+            image: np.ndarray | None, control: Control | None = None) -> tuple[np.ndarray, int]:
         """One generation; `ids` maps encoder name -> (B, 77) int32."""
 
     @abstractmethod
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-                     image: np.ndarray | None) -> Timings:
+                     image: np.ndarray | None, control: Control | None = None) -> Timings:
         """The same work as `run`, without graphs or the prompt cache, timing each stage."""
 
     @abstractmethod
@@ -69,6 +70,15 @@ class Executor(ABC):
             if getattr(self, "_cache_generation", 0) != generation:
                 saved.clear()  # invalidated while set aside
             self._lru = saved
+
+    def control_or_off(self, control: Control | None, runs: int) -> Control | None:
+        """`control`, or for a ControlNet bundle called without one every net at scale 0."""
+        nets = int(self.bundle.shapes.get("controlnets", 0))
+        if control is None and nets:
+            from ..inputs import no_control
+
+            return no_control(nets, runs, self.bundle.shapes)
+        return control
 
     def close(self) -> None:
         """Release resources (device memory, sessions)."""

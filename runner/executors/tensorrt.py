@@ -29,7 +29,7 @@ from turbo_trt.flavors import load_flavor
 
 from .. import cuda
 from ..bundle import Bundle, check_engine_compatibility
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..schedule import Plan
 from .base import Executor, Timings
 from .tensorrt_engines import EngineSet
@@ -257,16 +257,18 @@ class TensorRTExecutor(Executor):
             return exc
         return ExecutionError(f"{stage} failed: {exc}", stage=stage)
 
-    def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+    def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+            control: Control | None = None) -> tuple[Any, int]:
         with self.engines.use_lock.shared():
-            result = self._run(ids, plan, noise, image)
+            result = self._run(ids, plan, noise, image, control)
         self.engines.save_runtime_cache_if_changed()  # outside the image: it waits for other forks' images
         return result
 
-    def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+    def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+             control: Control | None = None) -> tuple[Any, int]:
         self._check_usable()
         layout = self.layout
-        layout.fill(ids, noise, image, plan.runs)
+        layout.fill(ids, noise, image, plan.runs, control)
         key = self.prompt_key(ids)
         slot = self._lru.lookup(key)
         new_slot = None if slot is not None else self._lru.next_slot(key)
@@ -298,18 +300,20 @@ class TensorRTExecutor(Executor):
             self._lru.assign(key)
         return layout.image.array.copy(), int(layout.nonfinite.array[0])
 
-    def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
+    def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+                     control: Control | None = None) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
         with self.engines.use_lock.shared():
-            return self._run_profiled(ids, plan, noise, image)
+            return self._run_profiled(ids, plan, noise, image, control)
 
-    def _run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
+    def _run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+                      control: Control | None = None) -> Timings:
         self._check_usable()
         program = self.layout.program(plan, True)
         marks = sum(op.kind == "mark" for op in program)
         while len(self._events) < marks + 1:  # created once per size, then reused
             self._events.append(cuda.new_event())
-        self.layout.fill(ids, noise, image, plan.runs)
+        self.layout.fill(ids, noise, image, plan.runs, control)
         self._marks = []
         try:
             cuda.record(self._events[-1], self.stream)
