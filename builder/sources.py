@@ -22,8 +22,8 @@ from typing import Any
 
 from turbo_trt.errors import SourceError
 
-from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
 from .controlnet import ControlNetChoice, check_controlnet_fits, controlnets_fingerprint, resolve_controlnets
+from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
 from .tiny_tokenizer import tiny_tokenizer_fingerprint, write_tiny_clip_tokenizer
 from .vae import HUB_ID, VaeChoice, check_vae_fits, normalized_config, resolve_vae
 
