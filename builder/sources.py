@@ -111,8 +111,8 @@ def resolve_source(
     src = _resolve_model(model, revision, random_weights, cache_dir)
     if controlnets:
         unet = _spec(src).config("unet") if src.local_dir is None else _read_json(src.local_dir / "unet" / "config.json")
-        seed = _spec(src).seed if src.local_dir is None else 0
-        src = dataclasses.replace(src, controlnets=resolve_controlnets(tuple(controlnets), src.kind, unet, seed,
+        net_seed = _spec(src).seed if src.local_dir is None else 0
+        src = dataclasses.replace(src, controlnets=resolve_controlnets(tuple(controlnets), src.kind, unet, net_seed,
                                                                        cache_dir))
     if vae is None and not vae_fp32:
         return src
