@@ -291,10 +291,10 @@ def _manifest_head(
             "batch": opts.batch, "height": opts.height, "width": opts.width, "tokens": dims.values["L"],
             "latent_channels": dims.values["C"], "latent_height": dims.values["h"],
             "latent_width": dims.values["w"], "vae_scale_factor": opts.height // dims.values["h"],
-            "controlnets": len(src.controlnets),
+            **({"controlnets": len(src.controlnets)} if src.controlnets else {}),
         },
         # the nets fused into the UNet graph, in the order of control_image / control_scale
-        "controlnets": src.controlnet_records(),
+        **({"controlnets": src.controlnet_records()} if src.controlnets else {}),
         "scheduler": _scheduler(configs, parts, old),
         "vae": {
             "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),
