@@ -339,3 +339,59 @@ def test_lora_swapped_on_a_controlnet_bundle_matches_diffusers(sd_control_bundle
     pipe.set_loras({})
     np.testing.assert_array_equal(pipe(PROMPT, **call), base)
     assert torch.is_grad_enabled()  # nothing above left autograd switched off for later tests
+
+
+def test_serve_request_rules_for_control_inputs(sd_setup, sd_bundle):
+    from turbo_trt.runner.serving.requests import ModelFacts, RequestError, decode_request
+
+    ours, plain, *_ = sd_setup
+    facts = ModelFacts.of(ours)
+    images = np.stack([np.asarray(_edges(1)), np.asarray(_edges(2))])
+    good = decode_request({"prompt": b"a cat", "control_image": images[None], "control_scale": np.array([[0.5, 1.0]],
+                                                                                                        np.float32)}, facts)
+    assert good.control_scale == (0.5, 1.0) and good.control_image.shape == (2, SIZE, SIZE, 3)
+    assert decode_request({"prompt": b"a cat"}, facts).control_scale == (0.0, 0.0)
+    cases = [
+        ({"control_scale": np.array([1.0, 1.0], np.float32)}, "control_scale: given without control_image"),
+        ({"control_image": images[:1]}, "control_image: must be UINT8 [2, 64, 64, 3]"),
+        ({"control_image": images, "control_scale": np.array([1.0], np.float32)}, "control_scale: must be FP32 [2]"),
+        ({"control_image": images, "control_scale": np.array([1.0, np.inf], np.float32)}, "control_scale: .*finite"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(RequestError, match=message):
+            decode_request({"prompt": b"a cat", **extra}, facts)
+    with pytest.raises(RequestError, match="control_image: this bundle has no ControlNet"):
+        decode_request({"prompt": b"a cat", "control_image": images}, ModelFacts.of(plain))
+
+
+def test_serve_controlnet_bundle(sd_control_bundle, tmp_path):
+    """`turbo-trt serve` on a ControlNet bundle: control inputs give the direct call's image, a request
+    without them the nets-off image, and a bad control request fails while serving goes on."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from turbo_trt.runner.serving.client import request_inputs
+
+    from .test_serve import Server, infer, serve_argv
+
+    bundle = sd_control_bundle[0]
+    pipe = TurboPipeline.from_bundle(bundle, executor="onnxruntime")
+    images = np.stack([np.asarray(_edges(1)), np.asarray(_edges(2))])
+    server = Server(serve_argv(bundle), tmp_path / "log.txt")
+    try:
+        server.wait_ready()
+        client = server.http_client()
+        served = infer(client, httpclient, prompt="a cat", seed=5, steps=2, control_image=images,
+                       control_scale=[1.0, 0.5])
+        direct = pipe("a cat", num_inference_steps=2, seed=5, output_type="np", control_image=list(images),
+                      controlnet_conditioning_scale=[1.0, 0.5])[0]
+        np.testing.assert_array_equal(served, direct)
+        off = infer(client, httpclient, prompt="a cat", seed=5, steps=2)
+        np.testing.assert_array_equal(off, pipe("a cat", num_inference_steps=2, seed=5, output_type="np")[0])
+        with pytest.raises(InferenceServerException, match="control_scale"):
+            client.infer("turbo", request_inputs(httpclient, "a cat", control_image=images, control_scale=[1.0, np.nan]))
+        np.testing.assert_array_equal(infer(client, httpclient, prompt="a cat", seed=5, steps=2, control_image=images,
+                                            control_scale=[1.0, 0.5]), direct)
+        client.close()
+    finally:
+        server.stop()
