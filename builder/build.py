@@ -123,7 +123,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildReport:
     start = time.perf_counter()
     check_shape_options(opts)
     src = sources.resolve_source(opts.model, opts.revision, opts.random_weights, vae=opts.vae,
-                                 vae_fp32=opts.vae_fp32)
+                                 vae_fp32=opts.vae_fp32, controlnets=opts.controlnets)
     configs = sources.part_configs(src)
     check_model_shapes(opts, configs)
     flavor = None if opts.onnx_only else load_flavor(opts.flavor)
@@ -145,8 +145,9 @@ def _build_locked(
     opts: BuildOptions, src: sources.ResolvedSource, configs: dict[str, dict[str, Any]],
     flavor: Flavor | None, bundle: Path, progress: Progress, report: BuildReport,
 ) -> None:
-    specs = specs_for(src.family, img2img=opts.img2img)
-    dims = dims_from_configs(configs, opts.batch, opts.height, opts.width, vae_scale_factor(configs))
+    specs = specs_for(src.family, img2img=opts.img2img, controlnets=len(src.controlnets))
+    dims = dims_from_configs(configs, opts.batch, opts.height, opts.width, vae_scale_factor(configs),
+                             len(src.controlnets))
     parts = src.part_fingerprints()
     from .lora_bake import lora_part_fingerprints, resolve_baked_loras
 
@@ -238,7 +239,7 @@ def export_stage(
         from .specs import spec_by_name
 
         fingerprints = dict(stale)
-        specs = [spec_by_name(name) for name, _ in stale]
+        specs = [spec_by_name(name, len(src.controlnets)) for name, _ in stale]
         # A stale entry no longer describes what the bundle is built from (say --vae changed): the manifest
         # stops claiming it until its new graph has passed validation, and its files (graph, external data,
         # engine) go, so a failed rebuild leaves no old component under a final name.
@@ -290,7 +291,10 @@ def _manifest_head(
             "batch": opts.batch, "height": opts.height, "width": opts.width, "tokens": dims.values["L"],
             "latent_channels": dims.values["C"], "latent_height": dims.values["h"],
             "latent_width": dims.values["w"], "vae_scale_factor": opts.height // dims.values["h"],
+            **({"controlnets": len(src.controlnets)} if src.controlnets else {}),
         },
+        # the nets fused into the UNet graph, in the order of control_image / control_scale
+        **({"controlnets": src.controlnet_records()} if src.controlnets else {}),
         "scheduler": _scheduler(configs, parts, old),
         "vae": {
             "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),

@@ -74,7 +74,10 @@ def export_and_validate(
     for part in parts:
         group = [s for s in specs if s.parts[0] == part]
         module = getattr(pipe, part)
-        module.to(torch.float32)
+        # the UNet's graph also holds the fused ControlNets: they are cast, and watched, with it
+        held = torch.nn.ModuleList([module, *(getattr(pipe, "turbo_controlnets", None) or [])]) \
+            if part == "unet" else module
+        held.to(torch.float32)
         prepared = []
         for spec in group:
             _, outputs = spec.io(family)
@@ -85,7 +88,7 @@ def export_and_validate(
             decoder = wrapper if isinstance(wrapper, VaeDecodeGraph) else None
             if decoder is not None:
                 decoder.keep_float = True
-            with PeakActivation(module) as peak:
+            with PeakActivation(held) as peak:
                 reference = torch_reference(wrapper, feeds, [t.name for t in outputs])
             if decoder is not None and decoder.last_float is not None:
                 reference[DECODED] = decoder.last_float.numpy()
@@ -93,7 +96,7 @@ def export_and_validate(
             prepared.append((spec, feeds, reference, peak.peak, round(time.perf_counter() - start, 2)))
         for spec, feeds, reference, peak_activation, reference_seconds in prepared:
             precision = precision_of(spec, pipe, family, opts.vae_fp32)
-            module.to(torch.float16 if precision == "fp16" else torch.float32)
+            held.to(torch.float16 if precision == "fp16" else torch.float32)
             wrapper = build_wrapper(spec.name, pipe, family, opts.height, opts.width)
             progress.info(f"{spec.name}: exporting {precision.upper()} ONNX ...")
             with staged_export(wrapper, spec, family, feeds, bundle / "onnx" / f"{spec.name}.onnx",
@@ -118,7 +121,9 @@ def export_and_validate(
                 "peak_rss_mib_after_export": peak_rss_mib(),
             }
         setattr(pipe, part, None)
-        del module
+        if part == "unet":
+            pipe.turbo_controlnets = []
+        del module, held
 
 
 def _validate(

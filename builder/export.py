@@ -41,6 +41,7 @@ def example_inputs(spec: ComponentSpec, family: str, dims: Dims, vocab_size: int
         "timestep": np.array([999.0], np.float32),
         "step_coeffs": np.array([1.0 / np.sqrt(sigma**2 + 1.0), 0.0, 1.0, 0.0], np.float32),
         "noise_sigma": np.array([0.5], np.float32),
+        "control_scale": np.ones(dims.values.get("N", 0), np.float32),
     }
     feeds: dict[str, np.ndarray] = {}
     for tensor in inputs:

@@ -89,7 +89,11 @@ def externalize_weights(graph: Path) -> None:
 
 
 def wrapped_part(wrapper: Any) -> tuple[str, Any]:
-    """(attribute name, module) of the one child of an export wrapper that holds parameters."""
+    """(attribute name, module) of the one child of an export wrapper that holds parameters, or the child the
+    wrapper names in `weight_part` (the UNet of a graph with ControlNets fused in)."""
+    named = getattr(wrapper, "weight_part", None)
+    if named is not None:
+        return named, getattr(wrapper, named)
     holders = [(name, child) for name, child in wrapper.named_children() if any(True for _ in child.parameters())]
     if len(holders) != 1:
         raise ValueError(f"{type(wrapper).__name__} wraps {len(holders)} modules with parameters, expected 1")

@@ -32,3 +32,5 @@ class BuildOptions:
     vae_fp32: bool = False  # --vae-fp32: export the VAE in FP32 whatever its config says
     # LoRAs fused into the weights before export: (path or hub id, scale), in order (see lora_bake.py)
     loras: tuple[tuple[str, float], ...] = ()
+    # --controlnet: ControlNets fused into the UNet graph, in order (hub id, local directory or "random")
+    controlnets: tuple[str, ...] = ()

@@ -22,6 +22,7 @@ from typing import Any
 
 from turbo_trt.errors import SourceError
 
+from .controlnet import ControlNetChoice, check_controlnet_fits, controlnets_fingerprint, resolve_controlnets
 from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
 from .tiny_tokenizer import tiny_tokenizer_fingerprint, write_tiny_clip_tokenizer
 from .vae import HUB_ID, VaeChoice, check_vae_fits, normalized_config, resolve_vae
@@ -59,6 +60,7 @@ class ResolvedSource:
     local_dir: Path | None  # pipeline directory on disk (hub snapshot or local); None for preset/random
     vae: VaeChoice | None = None  # --vae: a replacement for the pipeline's VAE
     vae_fp32: bool = False  # --vae-fp32: the VAE graphs are exported in FP32 whatever the config says
+    controlnets: tuple[ControlNetChoice, ...] = ()  # --controlnet: nets fused into the UNet graph, in order
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -80,7 +82,13 @@ class ResolvedSource:
             out["vae"] = self.vae.fingerprint()
         if self.vae_fp32:
             out["vae"] = hashlib.sha256(f"{out['vae']}:fp32".encode()).hexdigest()
+        if self.controlnets:
+            out["controlnet"] = controlnets_fingerprint([net.fingerprint() for net in self.controlnets])
         return out
+
+    def controlnet_records(self) -> list[dict[str, Any]]:
+        """Where each fused ControlNet comes from, for the manifest (in the build's order)."""
+        return [net.record(net.fingerprint()) for net in self.controlnets]
 
     def vae_record(self, fingerprint: str, config: dict[str, Any]) -> dict[str, Any]:
         """Where the bundle's VAE comes from, for the manifest."""
@@ -95,12 +103,17 @@ class ResolvedSource:
 
 def resolve_source(
     model: str, revision: str | None = None, random_weights: bool = False, cache_dir: Path | None = None,
-    vae: str | None = None, vae_fp32: bool = False,
+    vae: str | None = None, vae_fp32: bool = False, controlnets: tuple[str, ...] = (),
 ) -> ResolvedSource:
-    """Resolve ``--model`` (preset, alias, hub id or directory) and ``--vae`` (see vae.py); downloads hub
-    snapshots (configs, tokenizers and one weight variant). Raises :class:`SourceError` with what to do
-    instead."""
+    """Resolve ``--model`` (preset, alias, hub id or directory), ``--vae`` (see vae.py) and ``--controlnet``
+    (see controlnet.py); downloads hub snapshots (configs, tokenizers and one weight variant). Raises
+    :class:`SourceError` with what to do instead."""
     src = _resolve_model(model, revision, random_weights, cache_dir)
+    if controlnets:
+        unet = _spec(src).config("unet") if src.local_dir is None else _read_json(src.local_dir / "unet" / "config.json")
+        net_seed = _spec(src).seed if src.local_dir is None else 0
+        src = dataclasses.replace(src, controlnets=resolve_controlnets(tuple(controlnets), src.kind, unet, net_seed,
+                                                                       cache_dir))
     if vae is None and not vae_fp32:
         return src
     choice = None
@@ -286,6 +299,10 @@ def part_configs(src: ResolvedSource) -> dict[str, dict[str, Any]]:
         own = out["vae"]
         out["vae"] = normalized_config(src.vae.config)
         check_vae_fits(out["vae"], out["unet"], f"--vae {src.vae.argument}", own)
+    vae_scale = 2 ** (len(out["vae"]["block_out_channels"]) - 1)
+    for index, net in enumerate(src.controlnets):
+        check_controlnet_fits(net.config, out["unet"], src.family, vae_scale,
+                              f"--controlnet {net.argument} (net {index})")
     return out
 
 
@@ -332,6 +349,8 @@ def load_pipeline(src: ResolvedSource, torch_dtype: Any = None) -> Any:
         _check_components(pipe, sdxl)
     if src.vae is not None:
         pipe.vae = src.vae.load(dtype)
+    # The nets ride along on the pipeline object: the UNet's export wrapper fuses them (wrappers.build_wrapper).
+    pipe.turbo_controlnets = [net.load(dtype) for net in src.controlnets]
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

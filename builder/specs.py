@@ -1,13 +1,14 @@
 """One declarative spec per subnetwork: what it depends on, its IO tensors, how to wrap it, its precision.
 
 Shapes are written with symbolic dims resolved per build (see `Dims`): B batch, H/W image size,
-h/w latent size, C latent channels, L tokens, D1/D2 text hidden sizes, P pooled size. A tensor marked
+h/w latent size, C latent channels, L tokens, D1/D2 text hidden sizes, P pooled size, N ControlNets. A tensor marked
 `sdxl_only` exists only for the SDXL family; a component marked `sdxl_only` is built only for SDXL.
 Bump SPEC_VERSION whenever a wrapper's math or a spec changes: it is part of every ONNX fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,31 +120,46 @@ VAE_ENCODER = ComponentSpec(
 
 ALL_SPECS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER)
 
+#: The UNet's extra inputs when ControlNets are fused into its graph (see wrappers.ControlledUNetStepGraph):
+#: one uint8 RGB conditioning image per net and image, and one scale per net (0 switches a net off).
+CONTROL_INPUTS = (
+    TensorSpec("control_image", ("N", "B", "H", "W", "3"), "uint8"),
+    TensorSpec("control_scale", ("N",), "float32"),
+)
 
-def specs_for(family: str, img2img: bool = True) -> list[ComponentSpec]:
+
+def unet_spec(controlnets: int = 0) -> ComponentSpec:
+    """The UNet component; with ControlNets fused in it also depends on the "controlnet" part and reads
+    the control inputs (after the text inputs)."""
+    if controlnets <= 0:
+        return UNET
+    return dataclasses.replace(UNET, parts=UNET.parts + ("controlnet",), inputs=UNET.inputs + CONTROL_INPUTS)
+
+
+def specs_for(family: str, img2img: bool = True, controlnets: int = 0) -> list[ComponentSpec]:
     """The components a bundle of this family holds, in build order."""
     if family not in ("sd", "sdxl"):
         raise ValueError(f"unknown family {family!r}")
     return [
-        s for s in ALL_SPECS
+        unet_spec(controlnets) if s is UNET else s for s in ALL_SPECS
         if (family == "sdxl" or not s.sdxl_only) and (img2img or not s.img2img_only)
     ]
 
 
-def spec_by_name(name: str) -> ComponentSpec:
+def spec_by_name(name: str, controlnets: int = 0) -> ComponentSpec:
     for spec in ALL_SPECS:
         if spec.name == name:
-            return spec
+            return unet_spec(controlnets) if spec is UNET else spec
     raise KeyError(name)
 
 
 def dims_from_configs(
-    configs: dict[str, dict[str, Any]], batch: int, height: int, width: int, vae_scale: int
+    configs: dict[str, dict[str, Any]], batch: int, height: int, width: int, vae_scale: int, controlnets: int = 0
 ) -> Dims:
     """Resolve the symbolic dims from the pipeline parts' configs (dicts, as in config.json)."""
     values = {
         "B": batch, "H": height, "W": width, "h": height // vae_scale, "w": width // vae_scale,
-        "C": int(configs["unet"]["in_channels"]), "L": TOKENS,
+        "C": int(configs["unet"]["in_channels"]), "L": TOKENS, "N": controlnets,
         "D1": int(configs["text_encoder"]["hidden_size"]),
     }
     if "text_encoder_2" in configs:

@@ -8,7 +8,9 @@ say little about real use. Instead, for the fixed PROMPTS:
 2. UNet: the first txt2img step of a 1-step plan (its real timestep and input scale, from the manifest's
    scheduler tables), with the embeddings the *exported* text encoders (ONNX Runtime) make of those ids;
    its step coefficients are (c_in, 0, 1, 0), so the output compared is the network's own prediction,
-   not the a * x term that would dominate `next_latents`;
+   not the a * x term that would dominate `next_latents`; with ControlNets fused in, each net gets a
+   seeded edge map (white outlines of a few rectangles and circles on black, what a Canny or scribble net
+   reads) and scale 1;
 3. VAE decoder: the latents the model's own UNet step makes: x1 = a * x + b * prediction with that plan's
    real coefficients, from the exported UNet's prediction when the UNet was just validated, else from the
    pipeline's FP32 UNet;
@@ -58,6 +60,9 @@ class ValidationInputs:
         self._prediction: np.ndarray | None = None  # the UNet's prediction on the unet feeds
         self._image: np.ndarray | None = None  # uint8 image decoded from the decoder feeds
         self._embeddings: dict[str, np.ndarray] | None = None
+        self.controlnets = len(getattr(pipe, "turbo_controlnets", None) or [])
+        self.control_image = np.stack([edge_map(rng, batch, dims.values["H"], dims.values["W"])
+                                       for _ in range(self.controlnets)]) if self.controlnets else None
 
     # -- per component --------------------------------------------------------------------------------
     def feeds(self, spec: ComponentSpec) -> dict[str, np.ndarray]:
@@ -87,7 +92,10 @@ class ValidationInputs:
             "step_coeffs": np.array([c_in, 0.0, 1.0, 0.0], np.float32),
             "step_noise": self.step_noise,
         }
-        return {**feeds, **self.embeddings()}
+        feeds.update(self.embeddings())
+        if self.control_image is not None:
+            feeds.update(control_image=self.control_image, control_scale=np.ones(self.controlnets, np.float32))
+        return feeds
 
     def embeddings(self) -> dict[str, np.ndarray]:
         """The UNet's text inputs, made by the bundle's exported (and already validated) text encoders."""
@@ -136,3 +144,22 @@ class ValidationInputs:
             out = run_onnx(self.bundle / "onnx" / "vae_decoder.onnx", {"latents": self.decoder_latents()})
             self._image = out["image"]
         return self._image
+
+
+def edge_map(rng: np.random.Generator, batch: int, height: int, width: int) -> np.ndarray:
+    """uint8 (batch, H, W, 3): white outlines of two rectangles and a circle on black, placed by `rng`."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.zeros((batch, height, width, 3), np.uint8)
+    thick = max(1, min(height, width) // 64)
+    for b in range(batch):
+        mask = np.zeros((height, width), bool)
+        for _ in range(2):
+            y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+            y1, x1 = y0 + rng.integers(height // 4, height // 2), x0 + rng.integers(width // 4, width // 2)
+            inside = (yy >= y0) & (yy <= y1) & (xx >= x0) & (xx <= x1)
+            core = (yy >= y0 + thick) & (yy <= y1 - thick) & (xx >= x0 + thick) & (xx <= x1 - thick)
+            mask |= inside & ~core
+        cy, cx, r = rng.integers(height // 4, 3 * height // 4), rng.integers(width // 4, 3 * width // 4), min(height, width) // 5
+        mask |= np.abs(np.hypot(yy - cy, xx - cx) - r) <= thick
+        out[b][mask] = 255
+    return out

@@ -93,6 +93,83 @@ class UNetStepGraph(nn.Module):
         return a * latents + b * out.to(torch.float32) + c * step_noise
 
 
+class ControlledUNetStepGraph(nn.Module):
+    """UNetStepGraph with ControlNets fused in: each net reads the step's UNet input, timestep and text
+    conditioning plus its own conditioning image, and its residuals, times its scale, are summed over the
+    nets and added to the UNet's skip connections, as diffusers' ControlNet pipelines (and
+    MultiControlNetModel) do with guess_mode off and no CFG.
+
+    `control_image` uint8 (n, B, H, W, 3) -> float [0, 1] NCHW: the pipelines' control image processor
+    (`VaeImageProcessor(do_normalize=False)`) does exactly this at the static size (no [-1, 1] mapping); the
+    nets' own `controlnet_conditioning_channel_order` (rgb / bgr) is applied inside their forward.
+    `control_scale` fp32 (n): each net's scale for this step; the runner sends 0 for a net outside its
+    control_guidance_start/end window (diffusers' controlnet_keep) and for a call without control images,
+    which gives the plain UNet's prediction (0 * residual = 0 exactly). Two forward signatures, one per
+    family, since the exporter reads the inputs positionally (`_SdForward`, `_SdxlForward`)."""
+
+    add_time_ids: torch.Tensor
+    #: The child whose weights LoRAs change (builder/lora_map.py): the UNet, not the nets.
+    weight_part = "unet"
+
+    def __init__(self, unet: Any, controlnets: list[Any], add_time_ids: tuple[float, ...] | None) -> None:
+        super().__init__()
+        self.unet: Any = unet
+        self.controlnets = nn.ModuleList(controlnets)
+        self.sdxl = add_time_ids is not None
+        if add_time_ids is not None:
+            self.register_buffer("add_time_ids", torch.tensor([add_time_ids], dtype=torch.float32), persistent=False)
+
+    def _step(self, latents: torch.Tensor, timestep: torch.Tensor, step_coeffs: torch.Tensor,
+              step_noise: torch.Tensor, prompt_embeds: torch.Tensor, prompt_embeds_2: torch.Tensor | None,
+              text_embeds: torch.Tensor | None, control_image: torch.Tensor, control_scale: torch.Tensor) -> torch.Tensor:
+        dtype = _dtype_of(self.unet)
+        c_in, a, b, c = step_coeffs[0], step_coeffs[1], step_coeffs[2], step_coeffs[3]
+        model_in = (latents * c_in).to(dtype)
+        added: dict[str, torch.Tensor] | None = None
+        context = prompt_embeds
+        if self.sdxl:
+            assert prompt_embeds_2 is not None and text_embeds is not None
+            context = torch.cat([prompt_embeds, prompt_embeds_2], dim=-1)
+            added = {  # as UNetStepGraph (FP32 text_embeds: see there)
+                "text_embeds": text_embeds.to(torch.float32),
+                "time_ids": self.add_time_ids.to(dtype).expand(latents.shape[0], -1),
+            }
+        context = context.to(dtype)
+        # the cast comes first: TensorRT has no uint8 Transpose
+        conditions = (control_image.to(torch.float32) / 255.0).permute(0, 1, 4, 2, 3)
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for i, net in enumerate(self.controlnets):
+            net_down, net_mid = net(model_in, timestep, encoder_hidden_states=context,
+                                    controlnet_cond=conditions[i].to(dtype), conditioning_scale=control_scale[i].to(dtype),
+                                    added_cond_kwargs=added, guess_mode=False, return_dict=False)
+            if down is None or mid is None:
+                down, mid = list(net_down), net_mid
+            else:  # MultiControlNetModel: the residuals of all nets are summed
+                down = [d + e for d, e in zip(down, net_down)]
+                mid = mid + net_mid
+        out = self.unet(model_in, timestep, encoder_hidden_states=context, added_cond_kwargs=added,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        return_dict=False)[0]
+        return a * latents + b * out.to(torch.float32) + c * step_noise
+
+
+class _SdForward(ControlledUNetStepGraph):
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, step_coeffs: torch.Tensor,
+                step_noise: torch.Tensor, prompt_embeds: torch.Tensor, control_image: torch.Tensor,
+                control_scale: torch.Tensor) -> torch.Tensor:
+        return self._step(latents, timestep, step_coeffs, step_noise, prompt_embeds, None, None,
+                          control_image, control_scale)
+
+
+class _SdxlForward(ControlledUNetStepGraph):
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, step_coeffs: torch.Tensor,
+                step_noise: torch.Tensor, prompt_embeds: torch.Tensor, prompt_embeds_2: torch.Tensor,
+                text_embeds: torch.Tensor, control_image: torch.Tensor, control_scale: torch.Tensor) -> torch.Tensor:
+        return self._step(latents, timestep, step_coeffs, step_noise, prompt_embeds, prompt_embeds_2, text_embeds,
+                          control_image, control_scale)
+
+
 class _VaeGraph(nn.Module):
     """Holds the VAE and its latent conventions, honoured as the family's diffusers pipelines do:
     `scaling_factor`, and for SDXL per-channel `latents_mean` / `latents_std` when the config has both.
@@ -178,6 +255,10 @@ def build_wrapper(component: str, pipe: Any, family: str, height: int, width: in
         return TextEncoderGraph(pipe.text_encoder_2, "penultimate", pooled=True)
     if component == "unet":
         time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
+        nets = list(getattr(pipe, "turbo_controlnets", None) or [])
+        if nets:
+            cls = _SdxlForward if family == "sdxl" else _SdForward
+            return cls(pipe.unet, nets, time_ids if family == "sdxl" else None)
         return UNetStepGraph(pipe.unet, time_ids if family == "sdxl" else None)
     if component == "vae_decoder":
         return VaeDecodeGraph(pipe.vae, family)

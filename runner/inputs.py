@@ -132,3 +132,65 @@ def _check_aspect(w: int, h: int, width: int, height: int) -> None:
     if abs((w / h) / (width / height) - 1.0) > 0.01:
         raise InputError(f"image is {w}x{h}, the bundle is {width}x{height}: the aspect ratio differs; "
                          "crop it to the bundle's aspect ratio first")
+
+
+@dataclass
+class Control:
+    """The ControlNet inputs of one call: uint8 (n, B, H, W, 3) images, one per net (in the build's order),
+    and float32 (runs, n) scales, each net's scale for each UNet run (0 outside its guidance window)."""
+
+    images: np.ndarray
+    scales: np.ndarray
+
+
+def no_control(nets: int, runs: int, shapes: dict[str, int]) -> Control:
+    """What a ControlNet bundle runs without control images: black images at scale 0 (the plain UNet)."""
+    return Control(np.zeros((nets, shapes["batch"], shapes["height"], shapes["width"], 3), np.uint8),
+                   np.zeros((runs, nets), np.float32))
+
+
+def per_net(value: Any, nets: int, name: str) -> list[float]:
+    """A number, or a list with one number per net -> one finite float per net."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
+    if len(values) != nets:
+        raise InputError(f"{name} has {len(values)} values, the bundle has {nets} ControlNet(s)")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise InputError(f"{name}[{i}] must be a finite number, got {v!r}")
+        out.append(float(v))
+    return out
+
+
+def control_scales(runs: int, scales: list[float], starts: list[float], ends: list[float]) -> np.ndarray:
+    """float32 (runs, n): diffusers' controlnet_keep times the scales. For UNet run i of `runs` (img2img:
+    of the runs left after the skipped steps, as diffusers counts its truncated timesteps), net j is kept
+    unless i / runs < start_j or (i + 1) / runs > end_j."""
+    for j, (start, end) in enumerate(zip(starts, ends)):
+        if start >= end:
+            raise InputError(f"control_guidance_start[{j}] ({start}) must be smaller than control_guidance_end[{j}] "
+                             f"({end})")
+        if start < 0.0 or end > 1.0:
+            raise InputError(f"control guidance window {j} is [{start}, {end}]; it must lie within [0, 1]")
+    keep = [[1.0 - float(i / runs < s or (i + 1) / runs > e) for s, e in zip(starts, ends)] for i in range(runs)]
+    return np.asarray([[k * c for k, c in zip(row, scales)] for row in keep], np.float32).reshape(runs, len(scales))
+
+
+def check_control_images(control_image: Any, nets: int, height: int, width: int, batch: int) -> np.ndarray:
+    """`control_image` -> uint8 (n, batch, H, W, 3). One net: an image (PIL, or a uint8 (H, W, 3) /
+    (B, H, W, 3) array) or a list holding one; several nets: a list with one such image per net, in the
+    build's order. Each obeys the img2img image rules (`check_image`: sizes, modes, batch)."""
+    if nets == 0:
+        raise InputError("control_image given, but this bundle has no ControlNet; build one with "
+                         "`turbo-trt build --controlnet ID_OR_DIR`")
+    items = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    if len(items) != nets:
+        raise InputError(f"{len(items)} control image(s) for a bundle with {nets} ControlNet(s); pass one per net, "
+                         "in the order they were built")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(check_image(item, height, width, batch))
+        except InputError as exc:
+            raise InputError(f"control_image[{i}]: {exc}") from exc
+    return np.ascontiguousarray(np.stack(out))

@@ -23,7 +23,19 @@ from turbo_trt.errors import InputError, TurboTrtError
 from .bundle import Bundle, open_bundle
 from .executor_choice import EXECUTORS, ExecutorChoice, choose_executor
 from .executors.base import Executor
-from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
+from .inputs import (
+    Control,
+    Noise,
+    check_control_images,
+    check_image,
+    check_prompts,
+    check_seed,
+    control_scales,
+    latent_shape,
+    make_noise,
+    no_control,
+    per_net,
+)
 from .schedule import Plan, img2img_plan, txt2img_plan
 from .tokenizer import PromptTokenizer
 
@@ -104,6 +116,30 @@ class TurboPipeline:
     def batch(self) -> int:
         return int(self.shapes["batch"])
 
+    @property
+    def controlnets(self) -> int:
+        """How many ControlNets the bundle's UNet holds (0 for a plain bundle)."""
+        return int(self.shapes.get("controlnets", 0))
+
+    def control(self, plan: Plan, control_image: Any, controlnet_conditioning_scale: Any = 1.0,
+                control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0) -> Control | None:
+        """The checked ControlNet inputs of a call with `plan` (None for a bundle without nets and no control
+        image). Without a control image a ControlNet bundle runs every net at scale 0: the plain UNet."""
+        nets = self.controlnets
+        if control_image is None:
+            given = [name for name, value, default in (
+                ("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0),
+                ("control_guidance_start", control_guidance_start, 0.0),
+                ("control_guidance_end", control_guidance_end, 1.0)) if value != default]
+            if given:
+                raise InputError(f"{', '.join(given)} given without control_image")
+            return no_control(nets, plan.runs, self.shapes) if nets else None
+        images = check_control_images(control_image, nets, self.shapes["height"], self.shapes["width"], self.batch)
+        scales = per_net(controlnet_conditioning_scale, nets, "controlnet_conditioning_scale")
+        starts = per_net(control_guidance_start, nets, "control_guidance_start")
+        ends = per_net(control_guidance_end, nets, "control_guidance_end")
+        return Control(images, control_scales(plan.runs, scales, starts, ends))
+
     def plan(self, steps: int, strength: float | None) -> Plan:
         """The step plan (checked): txt2img when strength is None. A few microseconds of numpy."""
         return txt2img_plan(self.scheduler, steps) if strength is None else img2img_plan(self.scheduler, steps, strength)
@@ -117,9 +153,19 @@ class TurboPipeline:
         image: Any = None,
         strength: float = 0.5,
         output_type: str = "pil",
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ) -> list[Any] | np.ndarray:
         """Generate images. Returns a list of PIL images, or with output_type="np" a uint8 array
-        (n, H, W, 3), n = number of prompts. Every input is checked before any engine runs."""
+        (n, H, W, 3), n = number of prompts. Every input is checked before any engine runs.
+
+        ControlNet bundles (`turbo-trt build --controlnet ...`), with diffusers' meaning: `control_image` one
+        image per net (a list for several nets, in the build's order; PIL or uint8 arrays, the img2img image
+        rules), `controlnet_conditioning_scale` a scale (or one per net), and each net acts on the UNet runs
+        within its [control_guidance_start, control_guidance_end] fraction of them. Without control_image
+        the nets are off (scale 0: the plain UNet's image)."""
         prompts = check_prompts(prompt, self.batch)
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -129,9 +175,11 @@ class TurboPipeline:
             raise InputError(f"{self.bundle.path} has no VAE encoder (built with --no-img2img): img2img is unavailable")
         plan = self.plan(num_inference_steps, strength if img2img else None)
         pixels = check_image(image, self.shapes["height"], self.shapes["width"], self.batch) if img2img else None
+        control = self.control(plan, control_image, controlnet_conditioning_scale, control_guidance_start,
+                               control_guidance_end)
         shape = latent_shape(self.shapes)
         noise_set = make_noise(seed, shape, img2img, plan.runs if self.scheduler["ancestral"] else 0, noise)
-        images = self.run_with_noise(prompts, plan, noise_set, pixels)[: len(prompts)]
+        images = self.run_with_noise(prompts, plan, noise_set, pixels, control)[: len(prompts)]
         if output_type == "np":
             return images
         from PIL import Image
@@ -143,12 +191,16 @@ class TurboPipeline:
         padded = prompts + [prompts[-1]] * (self.batch - len(prompts))
         return {name: np.stack([tok.encode(p) for p in padded]) for name, tok in self.tokenizers.items()}
 
-    def run_with_noise(self, prompts: list[str], plan: Plan, noise_set: Noise, pixels: np.ndarray | None) -> np.ndarray:
+    def run_with_noise(self, prompts: list[str], plan: Plan, noise_set: Noise, pixels: np.ndarray | None,
+                       control: Control | None = None) -> np.ndarray:
         """The step under `__call__`, with every random array given (also for reproducing another
-        implementation's draws). Inputs must already be checked. Returns uint8 (B, H, W, 3)."""
+        implementation's draws). Inputs must already be checked (`control`: from `self.control`; None on a
+        ControlNet bundle runs the nets at scale 0). Returns uint8 (B, H, W, 3)."""
         ids = self.token_ids(prompts)
+        if control is None and self.controlnets:
+            control = no_control(self.controlnets, plan.runs, self.shapes)
         with self._lock:
-            images, nonfinite = self.executor.run(ids, plan, noise_set, pixels)
+            images, nonfinite = self.executor.run(ids, plan, noise_set, pixels, control)
         check_finite(nonfinite)
         return images
 

@@ -85,3 +85,30 @@ def bundle_variant(name: str, sd_bundle: tuple[Path, BuildReport], sdxl_bundle: 
         manifest["scheduler"]["ancestral"] = True
         bundle = Bundle(bundle.path, manifest)
     return bundle
+
+
+def _controlnet_bundle(tmp_path_factory: pytest.TempPathFactory, base: Path, model: str, nets: int):
+    """A copy of a session tiny bundle rebuilt with `nets` tiny ControlNets (ControlNetModel.from_unet of the
+    preset's UNet, weights moved by seeded noise, seeded non-zero output convolutions; save_pretrained
+    directories). The rebuild is incremental: only the UNet is exported and compiled again."""
+    from turbo_trt.builder import sources
+    from turbo_trt.builder.controlnet import save_test_controlnet
+
+    root = tmp_path_factory.mktemp(f"controlnet-{model}")
+    unet = sources.load_pipeline(sources.resolve_source(model)).unet
+    dirs = [save_test_controlnet(unet, root / f"net{i}", seed=100 + i) for i in range(nets)]
+    out = copy_bundle(base, root / "bundle")
+    report = quiet_build(tiny_options(model, out, controlnets=tuple(str(d) for d in dirs)))
+    return out, report, dirs
+
+
+@pytest.fixture(scope="session")
+def sd_control_bundle(tmp_path_factory: pytest.TempPathFactory, sd_bundle):
+    """tiny-sd-turbo with two ControlNets: (bundle, build report, net directories)."""
+    return _controlnet_bundle(tmp_path_factory, sd_bundle[0], "tiny-sd-turbo", 2)
+
+
+@pytest.fixture(scope="session")
+def sdxl_control_bundle(tmp_path_factory: pytest.TempPathFactory, sdxl_bundle):
+    """tiny-sdxl-turbo with one ControlNet: (bundle, build report, net directories)."""
+    return _controlnet_bundle(tmp_path_factory, sdxl_bundle[0], "tiny-sdxl-turbo", 1)

@@ -87,9 +87,9 @@ class ArenaReplay:
                     t = tensors[name]
                     self.memory.view(self.bindings[op.name][name], t.shape, t.dtype)[...] = value
 
-    def image(self, ids, plan, noise, image, slot=None, store=None):
+    def image(self, ids, plan, noise, image, slot=None, store=None, control=None):
         """What TensorRTExecutor.run does, cache copies included (slot: hit; store: miss with a free slot)."""
-        self.layout.fill(ids, noise, image, plan.runs)
+        self.layout.fill(ids, noise, image, plan.runs, control)
         if slot is not None:
             self.execute(self.layout.cache_copies(slot, store=False))
         self.execute(self.layout.program(plan, with_encoders=slot is None))
@@ -165,3 +165,33 @@ def test_plan_row_puts_forward_step_k_at_position_runs_minus_1_minus_k(setup):
         np.testing.assert_array_equal(row[2 * j + 1, :4], plan.coeffs[k])
     assert row[8, 0] == np.float32(plan.noise_sigma)
     assert not row[2 * plan.runs:8].any()  # unused positions stay zero
+
+
+@pytest.mark.parametrize("steps,strength", [(4, None), (4, 0.75), (1, None)])
+def test_controlnet_program_matches_onnxruntime_executor(sd_control_bundle, steps, strength):
+    """A bundle with two fused ControlNets: the control image buffer and the per-position scale slots carry a
+    call's images and per-run scales (different in every run here), and no control means scale 0."""
+    from turbo_trt.builder.validation_inputs import edge_map
+    from turbo_trt.runner.bundle import open_bundle
+
+    bundle = open_bundle(sd_control_bundle[0], files="onnx")
+    reference = OnnxRuntimeExecutor(bundle, cache_size=0)
+    pipe, replay = TurboPipeline(bundle, reference), ArenaReplay(bundle, reference.sessions)
+    shapes = pipe.shapes
+    plan = pipe.plan(steps, strength)
+    rng = np.random.default_rng(steps)
+    images = [edge_map(rng, 1, shapes["height"], shapes["width"]) for _ in range(2)]
+    windows = ([0.0, 0.25], [0.75, 1.0]) if plan.runs > 1 else (0.0, 1.0)
+    control = pipe.control(plan, images, [1.0, 0.5], *windows)
+    noise = make_noise(11, latent_shape(shapes), strength is not None, 0)
+    init = images[0] if strength is not None else None
+    ids = pipe.token_ids(["a red cat on a green sofa"])
+    want, _ = reference.run(ids, plan, noise, init, control)
+    got, nonfinite = replay.image(ids, plan, noise, init, store=0, control=control)
+    np.testing.assert_array_equal(got, want)
+    assert nonfinite == 0
+    off, _ = replay.image(ids, plan, noise, init, slot=0)  # no control: black images at scale 0
+    np.testing.assert_array_equal(off, reference.run(ids, plan, noise, init)[0])
+    assert not np.array_equal(off, got)
+    for j in range(replay.layout.max_steps):
+        assert replay.bindings[unet_context(j)]["control_scale"] == replay.layout.control_scale_dev.ptr + j * ALIGN

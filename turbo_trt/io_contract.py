@@ -48,7 +48,9 @@ IOTable = Mapping[str, Mapping[str, TensorIO]]
 
 def expected_io(family: str, shapes: Mapping[str, int], img2img: bool) -> dict[str, dict[str, TensorIO | None]]:
     """The contract. A value of None marks a prompt-embedding tensor, whose shape depends on the text
-    encoder's hidden size: it is checked by `check_io` to agree between encoder output and UNet input."""
+    encoder's hidden size: it is checked by `check_io` to agree between encoder output and UNet input.
+    With n = shapes["controlnets"] > 0 the UNet also reads `control_image` uint8 (n, B, H, W, 3) and
+    `control_scale` float32 (n)."""
     batch = shapes["batch"]
     latents = (batch, shapes["latent_channels"], shapes["latent_height"], shapes["latent_width"])
     image = (batch, shapes["height"], shapes["width"], 3)
@@ -60,6 +62,10 @@ def expected_io(family: str, shapes: Mapping[str, int], img2img: bool) -> dict[s
         "latents": f32_in(latents), "timestep": f32_in((1,)), "step_coeffs": f32_in((4,)),
         "step_noise": f32_in(latents), "next_latents": TensorIO(latents, "float32", False),
     }
+    nets = int(shapes.get("controlnets", 0))
+    if nets:
+        table["unet"]["control_image"] = TensorIO((nets, *image), "uint8", True)
+        table["unet"]["control_scale"] = f32_in((nets,))
     table["vae_decoder"] = {"latents": f32_in(latents), "image": TensorIO(image, "uint8", False),
                             "nonfinite": TensorIO((1,), "int32", False)}
     if img2img:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..cache import SlotLRU
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..schedule import Plan
 
 #: (stage label, seconds) in execution order: "text_encoder", "unet[0]", ..., "vae_decoder".
@@ -33,6 +33,7 @@ class Executor(ABC):
     `run` gets everything already checked and shaped to the bundle's batch; it returns the uint8 images
     (B, H, W, 3) and the decoder's count of non-finite values. `launch` + `wait` split the same work in two
     (start, finish) so a caller can do host work while the engines run (frame streams, runner/stream.py).
+    `control` (ControlNet bundles): the control images and per-run scales; None runs the nets at scale 0.
     """
 
     name: str = "executor"
@@ -45,15 +46,16 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-            image: np.ndarray | None) -> tuple[np.ndarray, int]:
+            image: np.ndarray | None, control: Control | None = None) -> tuple[np.ndarray, int]:
         """One generation; `ids` maps encoder name -> (B, 77) int32."""
 
     @abstractmethod
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-                     image: np.ndarray | None) -> Timings:
+                     image: np.ndarray | None, control: Control | None = None) -> Timings:
         """The same work as `run`, without graphs or the prompt cache, timing each stage."""
 
-    def launch(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise, image: np.ndarray | None) -> Launched:
+    def launch(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise, image: np.ndarray | None,
+               control: Control | None = None) -> Launched:
         """Start the work of `run` and return at once; `wait` returns what `run` would have. One launch at a
         time per executor: wait for it before launching again. This default runs `run` in the executor's
         own worker thread (ONNX Runtime releases the GIL while it computes, so the caller keeps working);
@@ -61,7 +63,7 @@ class Executor(ABC):
         if getattr(self, "_launcher", None) is None:
             self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"turbo-trt-{self.name}")
         assert self._launcher is not None
-        return _InWorker(self._launcher.submit(self.run, ids, plan, noise, image))
+        return _InWorker(self._launcher.submit(self.run, ids, plan, noise, image, control))
 
     def wait(self, launched: Launched) -> tuple[np.ndarray, int]:
         """Finish a launch: the images and non-finite count `run` returns, or the exception it raised."""
@@ -97,6 +99,15 @@ class Executor(ABC):
             if getattr(self, "_cache_generation", 0) != generation:
                 saved.clear()  # invalidated while set aside
             self._lru = saved
+
+    def control_or_off(self, control: Control | None, runs: int) -> Control | None:
+        """`control`, or for a ControlNet bundle called without one every net at scale 0."""
+        nets = int(self.bundle.shapes.get("controlnets", 0))
+        if control is None and nets:
+            from ..inputs import no_control
+
+            return no_control(nets, runs, self.bundle.shapes)
+        return control
 
     def close(self) -> None:
         """Release resources (device memory, sessions; the launch worker thread, after its work)."""

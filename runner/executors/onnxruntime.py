@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import EMBEDDING_FEEDS, Bundle
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..rwlock import ReadWriteLock
 from ..schedule import Plan
 from .base import Executor, Timings
@@ -118,7 +118,9 @@ class OnnxRuntimeExecutor(Executor):
         return embeddings
 
     def _denoise_and_decode(self, plan: Plan, noise: Noise, image: np.ndarray | None,
-                            embeddings: dict[str, np.ndarray], timings: Timings | None) -> tuple[np.ndarray, int]:
+                            embeddings: dict[str, np.ndarray], timings: Timings | None,
+                            control: Control | None = None) -> tuple[np.ndarray, int]:
+        control = self.control_or_off(control, plan.runs)
         if plan.mode == "img2img":
             assert image is not None and noise.sample is not None
             latents = self._run("vae_encoder", {
@@ -129,23 +131,24 @@ class OnnxRuntimeExecutor(Executor):
             latents = noise.latents
         for k in range(plan.runs):
             step_noise = noise.steps[k] if noise.steps else self._zeros
-            latents = self._run("unet", {
-                "latents": latents, "timestep": plan.timesteps[k:k + 1], "step_coeffs": plan.coeffs[k],
-                "step_noise": step_noise, **embeddings,
-            }, timings, f"unet[{k}]")["next_latents"]
+            feeds = {"latents": latents, "timestep": plan.timesteps[k:k + 1], "step_coeffs": plan.coeffs[k],
+                     "step_noise": step_noise, **embeddings}
+            if control is not None:
+                feeds.update(control_image=control.images, control_scale=control.scales[k])
+            latents = self._run("unet", feeds, timings, f"unet[{k}]")["next_latents"]
         decoded = self._run("vae_decoder", {"latents": latents}, timings)
         return decoded["image"], int(decoded["nonfinite"][0])
 
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-            image: np.ndarray | None) -> tuple[np.ndarray, int]:
+            image: np.ndarray | None, control: Control | None = None) -> tuple[np.ndarray, int]:
         with self._use_lock.shared():
-            return self._denoise_and_decode(plan, noise, image, self._embeddings(ids), None)
+            return self._denoise_and_decode(plan, noise, image, self._embeddings(ids), None, control)
 
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-                     image: np.ndarray | None) -> Timings:
+                     image: np.ndarray | None, control: Control | None = None) -> Timings:
         timings: Timings = []
         with self._use_lock.shared():
-            self._denoise_and_decode(plan, noise, image, self._encode(ids, timings), timings)
+            self._denoise_and_decode(plan, noise, image, self._encode(ids, timings), timings, control)
         return timings
 
 

@@ -60,7 +60,7 @@ from turbo_trt.errors import ExecutionError, ExecutorUnavailable
 from turbo_trt.io_contract import EMBEDDING_FEEDS, manifest_io
 
 from ..bundle import Bundle
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..schedule import Plan
 from .base import Executor, Timings
 
@@ -356,6 +356,11 @@ class OnnxRuntimeCudaExecutor(Executor):
         self.timesteps = [value("unet", "timestep") for _ in range(self.max_steps)]
         self.coeffs = [value("unet", "step_coeffs") for _ in range(self.max_steps)]
         self.step_noise = [value("unet", "step_noise") for _ in range(self.max_steps if self.ancestral else 1)]
+        # ControlNet bundles: one control image buffer read by every step, one scale buffer per step position
+        self.controlnets = int(b.shapes.get("controlnets", 0))
+        if self.controlnets:
+            self.control_image = value("unet", "control_image")
+            self.control_scale = [value("unet", "control_scale") for _ in range(self.max_steps)]
         self.image = value("vae_decoder", "image")
         self.nonfinite = value("vae_decoder", "nonfinite")
         if b.img2img:
@@ -381,10 +386,12 @@ class OnnxRuntimeCudaExecutor(Executor):
             outputs = {output: self.embeddings[unet_input] for enc, output, unet_input in EMBEDDING_FEEDS[b.family]
                        if enc == encoder}
             self.bindings[encoder] = [self._binding(encoder, {"input_ids": self.ids[encoder], **outputs})]
+        control = lambda j: {"control_image": self.control_image, "control_scale": self.control_scale[j]} \
+            if self.controlnets else {}  # noqa: E731
         self.bindings["unet"] = [self._binding("unet", {
             "latents": self.latents[j + 1], "next_latents": self.latents[j], "timestep": self.timesteps[j],
             "step_coeffs": self.coeffs[j], "step_noise": self.step_noise[j if self.ancestral else 0],
-            **self.embeddings}) for j in range(self.max_steps)]
+            **self.embeddings, **control(j)}) for j in range(self.max_steps)]
         if b.img2img:  # binding r - 1 writes latents[r], where a plan of r UNet runs starts
             self.bindings["vae_encoder"] = [self._binding("vae_encoder", {
                 "image": self.init_image, "sample_noise": self.sample_noise, "latent_noise": self.latent_noise,
@@ -421,8 +428,13 @@ class OnnxRuntimeCudaExecutor(Executor):
                         self.sessions[name] = self._session(name, graphs=False)
                         self._bind()
 
-    def _fill(self, plan: Plan, noise: Noise, image: np.ndarray | None) -> None:
+    def _fill(self, plan: Plan, noise: Noise, image: np.ndarray | None, control: Control | None = None) -> None:
         runs = plan.runs
+        control = self.control_or_off(control, runs)
+        if control is not None:
+            self.control_image.update_inplace(np.ascontiguousarray(control.images))
+            for k in range(runs):
+                self.control_scale[runs - 1 - k].update_inplace(np.ascontiguousarray(control.scales[k]))
         if plan.mode == "img2img":
             assert image is not None and noise.sample is not None
             self.init_image.update_inplace(np.ascontiguousarray(image))
@@ -440,8 +452,9 @@ class OnnxRuntimeCudaExecutor(Executor):
                 self.step_noise[j].update_inplace(step)
 
     def _generate(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise, image: np.ndarray | None,
-                  use_cache: bool, timings: Timings | None = None) -> tuple[np.ndarray, int]:
-        self._fill(plan, noise, image)
+                  use_cache: bool, timings: Timings | None = None,
+                  control: Control | None = None) -> tuple[np.ndarray, int]:
+        self._fill(plan, noise, image, control)
         key = self.prompt_key(ids)
         slot = self._lru.lookup(key) if use_cache else None
         if slot is not None:
@@ -471,16 +484,16 @@ class OnnxRuntimeCudaExecutor(Executor):
         return _GRAPH_LOCK if self.cuda_graphs else contextlib.nullcontext()
 
     def run(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-            image: np.ndarray | None) -> tuple[np.ndarray, int]:
+            image: np.ndarray | None, control: Control | None = None) -> tuple[np.ndarray, int]:
         with self._turn():
-            return self._generate(ids, plan, noise, image, use_cache=True)
+            return self._generate(ids, plan, noise, image, use_cache=True, control=control)
 
     def run_profiled(self, ids: dict[str, np.ndarray], plan: Plan, noise: Noise,
-                     image: np.ndarray | None) -> Timings:
+                     image: np.ndarray | None, control: Control | None = None) -> Timings:
         """Wall time per session run (each includes ONNX Runtime's own sync at the end of the run)."""
         timings: Timings = []
         with self._turn():
-            self._generate(ids, plan, noise, image, use_cache=False, timings=timings)
+            self._generate(ids, plan, noise, image, use_cache=False, timings=timings, control=control)
         return timings
 
     def fork(self) -> OnnxRuntimeCudaExecutor:

@@ -30,7 +30,7 @@ from turbo_trt.flavors import load_flavor
 
 from .. import cuda
 from ..bundle import Bundle, check_engine_compatibility
-from ..inputs import Noise
+from ..inputs import Control, Noise
 from ..schedule import Plan
 from .base import Executor, Launched, Timings
 from .tensorrt_engines import EngineSet
@@ -282,14 +282,16 @@ class TensorRTExecutor(Executor):
             return exc
         return ExecutionError(f"{stage} failed: {exc}", stage=stage)
 
-    def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
+    def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+            control: Control | None = None) -> tuple[Any, int]:
         with self.engines.use_lock.shared():
-            result = self._run(ids, plan, noise, image)
+            result = self._run(ids, plan, noise, image, control)
         self.engines.save_runtime_cache_if_changed()  # outside the image: it waits for other forks' images
         return result
 
-    def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[Any, int]:
-        key, new_slot = self._enqueue(ids, plan, noise, image)
+    def _run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+             control: Control | None = None) -> tuple[Any, int]:
+        key, new_slot = self._enqueue(ids, plan, noise, image, control)
         try:
             cuda.synchronize(self.stream)
         except Exception as exc:
@@ -297,14 +299,15 @@ class TensorRTExecutor(Executor):
             raise self._recover("synchronize", exc) from exc
         return self._finish(key, new_slot)
 
-    def _enqueue(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> tuple[bytes, int | None]:
+    def _enqueue(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+                 control: Control | None = None) -> tuple[bytes, int | None]:
         """Everything of one image up to its last enqueue, without waiting: fill the pinned inputs, copy a
         cached prompt's embeddings into place (or run the encoders), launch the graph (plain enqueues where
         there is none), store new embeddings in their cache slot. Returns (prompt key, slot to assign once
         the image is done). On failure the slot is given up and the stream synchronized before raising."""
         self._check_usable()
         layout = self.layout
-        layout.fill(ids, noise, image, plan.runs)
+        layout.fill(ids, noise, image, plan.runs, control)
         key = self.prompt_key(ids)
         slot = self._lru.lookup(key)
         new_slot = None if slot is not None else self._lru.next_slot(key)
@@ -344,14 +347,15 @@ class TensorRTExecutor(Executor):
         return self.layout.image.array.copy(), int(self.layout.nonfinite.array[0])
 
     # -- split launch / wait (frame streams) -------------------------------------------------------------------
-    def launch(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Launched:
+    def launch(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+               control: Control | None = None) -> Launched:
         """Fill the pinned inputs, launch the image's graph and record an event after it; returns without
         waiting, so the host can prepare the next frame and finish the last while the GPU runs this one.
         The engines' shared lock is held from here to `wait` (no refit can start in between)."""
         guard = contextlib.ExitStack()
         guard.enter_context(self.engines.use_lock.shared())
         try:
-            key, new_slot = self._enqueue(ids, plan, noise, image)
+            key, new_slot = self._enqueue(ids, plan, noise, image, control)
             try:
                 if self._done is None:
                     self._done = cuda.new_event(timing=False)
@@ -382,18 +386,20 @@ class TensorRTExecutor(Executor):
         self.engines.save_runtime_cache_if_changed()  # as `run`: outside the image (it waits for other forks')
         return result
 
-    def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
+    def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+                     control: Control | None = None) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
         with self.engines.use_lock.shared():
-            return self._run_profiled(ids, plan, noise, image)
+            return self._run_profiled(ids, plan, noise, image, control)
 
-    def _run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any) -> Timings:
+    def _run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
+                      control: Control | None = None) -> Timings:
         self._check_usable()
         program = self.layout.program(plan, True)
         marks = sum(op.kind == "mark" for op in program)
         while len(self._events) < marks + 1:  # created once per size, then reused
             self._events.append(cuda.new_event())
-        self.layout.fill(ids, noise, image, plan.runs)
+        self.layout.fill(ids, noise, image, plan.runs, control)
         self._marks = []
         try:
             cuda.record(self._events[-1], self.stream)

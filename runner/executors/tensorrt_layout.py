@@ -11,6 +11,9 @@ VAE decoder always reads latents[0], and an image of n UNet runs starts by putti
 latents[n]. Per-plan scalars (timesteps, step coefficients, the img2img noise sigma) sit in one table
 uploaded at load; an image's program starts by copying its plan's row into the fixed slots the contexts
 read, so one captured graph per (plan, with or without text encoders) needs no host data but the inputs.
+ControlNet bundles add one control image buffer (n, B, H, W, 3) that every UNet context reads, and one
+scale slot per step position (n float32 at an aligned address), uploaded with the inputs: the scales are
+per call (the caller's scales and guidance windows), not per plan.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ class Layout:
                            for _, _, unet_input in EMBEDDING_FEEDS[self.family]}
         self.latents = [mem.alloc(self.lat_bytes) for _ in range(self.max_steps + 1)]
         self.zeros = mem.alloc(self.lat_bytes)  # step noise of non-ancestral schedulers (zeroed at load)
+        self.controlnets = int(shapes.get("controlnets", 0))
+        if self.controlnets:
+            self.control_image = mem.pinned_array((self.controlnets, *image_shape), np.uint8)
+            self.control_image_dev = mem.alloc(self.control_image.array.nbytes)
+            self.control_scale = mem.pinned_array((self.max_steps, ALIGN // 4), np.float32)  # by step position
+            self.control_scale_dev = mem.alloc(self.control_scale.array.nbytes)
         if self.img2img:
             self.init_image = mem.pinned_array(image_shape, np.uint8)
             self.init_image_dev = mem.alloc(self.init_image.array.nbytes)
@@ -150,13 +159,26 @@ class Layout:
                 "timestep": self.timestep(j), "step_coeffs": self.coeffs(j), "step_noise": step_noise,
                 **{name: buffer.ptr for name, buffer in self.embeddings.items()},
             }
+            if self.controlnets:
+                out[unet_context(j)].update(control_image=self.control_image_dev.ptr,
+                                            control_scale=self.control_scale_dev.ptr + j * ALIGN)
         out["vae_decoder"] = {"latents": self.latents[0].ptr, "image": self.image_dev.ptr,
                               "nonfinite": self.nonfinite_dev.ptr}
         return out
 
     # -- per image ----------------------------------------------------------------------------------------
-    def fill(self, ids: dict[str, np.ndarray], noise: Any, image: np.ndarray | None, runs: int) -> None:
-        """Copy one call's inputs into the pinned host buffers the program uploads."""
+    def fill(self, ids: dict[str, np.ndarray], noise: Any, image: np.ndarray | None, runs: int,
+             control: Any = None) -> None:
+        """Copy one call's inputs into the pinned host buffers the program uploads (`control`: a
+        runner.inputs.Control; None on a ControlNet bundle: black images at scale 0)."""
+        if self.controlnets:
+            self.control_scale.array[...] = 0.0
+            if control is None:
+                self.control_image.array[...] = 0
+            else:  # forward step k's scales go to position runs-1-k
+                self.control_image.array[...] = control.images
+                for k in range(runs):
+                    self.control_scale.array[runs - 1 - k, :self.controlnets] = control.scales[k]
         for encoder, array in ids.items():
             self.ids[encoder].array[...] = array
         self.noise.array[...] = noise.latents
@@ -182,6 +204,9 @@ class Layout:
             ops.append(Op("h2d", self.latents[runs].ptr, self.noise.ptr, self.lat_bytes))
         if self.ancestral:
             ops.append(Op("h2d", self.step_noise_dev.ptr, self.step_noise.ptr, self.lat_bytes * runs))
+        if self.controlnets:
+            ops += [Op("h2d", self.control_image_dev.ptr, self.control_image.ptr, self.control_image.array.nbytes),
+                    Op("h2d", self.control_scale_dev.ptr, self.control_scale.ptr, ALIGN * runs)]
         ops.append(Op("mark", name="upload"))
         if with_encoders:
             ops += [op for e in self.encoders for op in (Op("enqueue", name=e), Op("mark", name=e))]

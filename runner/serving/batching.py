@@ -1,6 +1,7 @@
 """Run checked requests in engine calls of the bundle's static batch.
 
-Requests that share a plan (mode, steps and, for img2img, the first step run) go into one call, in
+Requests that share a plan (mode, steps and, for img2img, the first step run) and, on a ControlNet bundle,
+their control scales (one per net for the whole call) go into one call, in
 arrival order, up to the bundle's batch; a short call is padded by repeating its last request. Each
 request's noise is drawn from its own seed exactly as a batch-1 call draws it (`make_noise` with a batch
 of one), then the rows are stacked, so a request's image does not depend on which requests share its call:
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..inputs import Noise, make_noise
+from ..inputs import Control, Noise, make_noise
 from .requests import ServeRequest
 
 Outcome = np.ndarray | Exception  # uint8 (H, W, 3), or the error for that request
@@ -27,6 +28,19 @@ def request_noise(pipe: Any, request: ServeRequest) -> Noise:
     shape = (1, shapes["latent_channels"], shapes["latent_height"], shapes["latent_width"])
     ancestral = request.plan.runs if pipe.scheduler["ancestral"] else 0
     return make_noise(request.seed, shape, request.image is not None, ancestral)
+
+
+def request_control(pipe: Any, requests: Sequence[ServeRequest]) -> Control | None:
+    """The control inputs of one call of requests sharing their scales: each request's images (black without
+    one: its scales are 0) stacked along the batch, the scales for every UNet run."""
+    nets = int(pipe.shapes.get("controlnets", 0))
+    if not nets:
+        return None
+    shapes = pipe.shapes
+    black = np.zeros((nets, shapes["height"], shapes["width"], 3), np.uint8)
+    images = np.stack([black if r.control_image is None else r.control_image for r in requests], axis=1)
+    scales = np.tile(np.asarray(requests[0].control_scale, np.float32), (requests[0].plan.runs, 1))
+    return Control(np.ascontiguousarray(images), scales)
 
 
 def stack_noise(noises: Sequence[Noise]) -> Noise:
@@ -41,11 +55,11 @@ def stack_noise(noises: Sequence[Noise]) -> Noise:
 
 def group_by_plan(requests: Sequence[ServeRequest | Exception], batch: int) -> list[list[int]]:
     """Indices of the good requests, grouped by plan key in arrival order, each group at most `batch` long."""
-    groups: dict[tuple[str, int, int], list[list[int]]] = {}
+    groups: dict[tuple[Any, ...], list[list[int]]] = {}
     for index, request in enumerate(requests):
         if isinstance(request, Exception):
             continue
-        chunks = groups.setdefault(request.plan.key, [[]])
+        chunks = groups.setdefault((*request.plan.key, *request.control_scale), [[]])
         if len(chunks[-1]) == batch:
             chunks.append([])
         chunks[-1].append(index)
@@ -63,8 +77,9 @@ def run_requests(pipe: Any, requests: Sequence[ServeRequest | Exception]) -> lis
         noise = stack_noise([request_noise(pipe, r) for r in padded])
         plan = members[0].plan
         pixels = None if plan.mode == "txt2img" else np.stack([r.image for r in padded])  # type: ignore[misc]
+        control = request_control(pipe, padded)
         try:
-            images = pipe.run_with_noise([r.prompt for r in members], plan, noise, pixels)
+            images = pipe.run_with_noise([r.prompt for r in members], plan, noise, pixels, control)
         except Exception as exc:  # noqa: BLE001 - one engine call's failure is its requests' outcome
             for i in chunk:
                 outcomes[i] = exc

@@ -17,9 +17,11 @@ Array = tuple[str, str, np.ndarray]  # input name, KServe datatype, array with i
 
 
 def request_arrays(prompt: str | bytes, seed: int | None = None, steps: int | None = None,
-                   image: np.ndarray | None = None, strength: float | None = None) -> list[Array]:
+                   image: np.ndarray | None = None, strength: float | None = None,
+                   control_image: np.ndarray | None = None, control_scale: list[float] | None = None) -> list[Array]:
     """The inputs of one request; each gets a leading batch dimension of 1 (the model uses Triton's dynamic
-    batcher). Absent optional inputs are left out."""
+    batcher). Absent optional inputs are left out. ControlNet bundles: `control_image` uint8 (nets, H, W, 3),
+    one image per net, and `control_scale` one scale per net."""
     text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
     arrays: list[Array] = [("prompt", "BYTES", np.array([[text]], dtype=object))]
     if seed is not None:
@@ -30,13 +32,18 @@ def request_arrays(prompt: str | bytes, seed: int | None = None, steps: int | No
         arrays.append(("image", "UINT8", np.ascontiguousarray(image, np.uint8)[None]))
     if strength is not None:
         arrays.append(("strength", "FP32", np.array([[strength]], np.float32)))
+    if control_image is not None:
+        arrays.append(("control_image", "UINT8", np.ascontiguousarray(control_image, np.uint8)[None]))
+    if control_scale is not None:
+        arrays.append(("control_scale", "FP32", np.array([control_scale], np.float32)))
     return arrays
 
 
 def request_inputs(protocol: Any, prompt: str | bytes, seed: int | None = None, steps: int | None = None,
-                   image: np.ndarray | None = None, strength: float | None = None) -> list[Any]:
+                   image: np.ndarray | None = None, strength: float | None = None,
+                   control_image: np.ndarray | None = None, control_scale: list[float] | None = None) -> list[Any]:
     """`protocol`: the tritonclient.http or tritonclient.grpc module."""
-    return infer_inputs(protocol, request_arrays(prompt, seed, steps, image, strength))
+    return infer_inputs(protocol, request_arrays(prompt, seed, steps, image, strength, control_image, control_scale))
 
 
 def infer_inputs(protocol: Any, arrays: list[Array]) -> list[Any]:

@@ -43,13 +43,18 @@ class TensorSpec:
         return "BYTES" if self.triton_type == "STRING" else self.triton_type
 
 
-def model_inputs(height: int, width: int) -> list[TensorSpec]:
+def model_inputs(height: int, width: int, controlnets: int = 0) -> list[TensorSpec]:
+    """The inputs; a bundle with n ControlNets also takes a control image per net and a scale per net
+    (default 1.0 with a control image; without one the nets are off)."""
+    control = [TensorSpec("control_image", "UINT8", (controlnets, height, width, 3), optional=True),
+               TensorSpec("control_scale", "FP32", (controlnets,), optional=True)] if controlnets else []
     return [
         TensorSpec("prompt", "STRING", (1,), model_checks_dims=True),
         TensorSpec("seed", "INT64", (1,), optional=True, model_checks_dims=True),
         TensorSpec("steps", "INT32", (1,), optional=True, model_checks_dims=True),
         TensorSpec("image", "UINT8", (height, width, 3), optional=True, model_checks_dims=True),
         TensorSpec("strength", "FP32", (1,), optional=True, model_checks_dims=True),
+        *control,
     ]
 
 

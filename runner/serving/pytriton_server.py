@@ -197,7 +197,7 @@ def serve_pytriton(options: ServeOptions, log: Callable[[str], None], stop: thre
         triton.bind(
             model_name=options.model_name,
             infer_func=[make_infer_func(pipe, log, options.model_name) for pipe in pipes],
-            inputs=_triton_tensors(model_inputs(height, width)),
+            inputs=_triton_tensors(model_inputs(height, width, pipes[0].controlnets)),
             outputs=_triton_tensors([*model_outputs(height, width), TensorSpec(VERDICT_OUTPUT, "STRING", (1,))]),
             config=ModelConfig(max_batch_size=pipes[0].batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),

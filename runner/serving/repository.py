@@ -73,8 +73,9 @@ def _instance_groups(gpus: Sequence[int], instances: int) -> str:
 
 
 def config_pbtxt(name: str, batch: int, height: int, width: int, gpus: Sequence[int], instances: int,
-                 executor: str, bundle: str, max_queue_delay_us: int, strict_targets: bool = True) -> str:
-    inputs = ",\n".join(_tensor(s) for s in model_inputs(height, width))
+                 executor: str, bundle: str, max_queue_delay_us: int, strict_targets: bool = True,
+                 controlnets: int = 0) -> str:
+    inputs = ",\n".join(_tensor(s) for s in model_inputs(height, width, controlnets))
     outputs = ",\n".join(_tensor(s) for s in model_outputs(height, width))
     return (
         f"# Written by `turbo-trt export-triton`: a turbo-trt bundle served by Triton's Python backend.\n"
@@ -120,7 +121,8 @@ def export_repository(options: ExportOptions) -> Path:
             bundle_param = str(bundle.path.resolve())
         (work / "config.pbtxt").write_text(config_pbtxt(
             options.model_name, int(shapes["batch"]), int(shapes["height"]), int(shapes["width"]), gpus,
-            options.instances, options.executor, bundle_param, options.max_queue_delay_us, options.strict_targets))
+            options.instances, options.executor, bundle_param, options.max_queue_delay_us, options.strict_targets,
+            int(shapes.get("controlnets", 0))))
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

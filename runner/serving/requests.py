@@ -18,7 +18,7 @@ import numpy as np
 
 from turbo_trt.errors import InputError
 
-from ..inputs import MAX_SEED, check_image, check_seed
+from ..inputs import MAX_SEED, check_control_images, check_image, check_seed, per_net
 from ..schedule import Plan, img2img_plan, txt2img_plan
 from .contract import DEFAULT_STEPS, DEFAULT_STRENGTH
 
@@ -39,10 +39,12 @@ class ModelFacts:
     width: int
     img2img: bool
     scheduler: dict[str, Any]
+    controlnets: int = 0
 
     @classmethod
     def of(cls, pipe: Any) -> ModelFacts:
-        return cls(int(pipe.shapes["height"]), int(pipe.shapes["width"]), bool(pipe.bundle.img2img), pipe.scheduler)
+        return cls(int(pipe.shapes["height"]), int(pipe.shapes["width"]), bool(pipe.bundle.img2img), pipe.scheduler,
+                   int(pipe.shapes.get("controlnets", 0)))
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ServeRequest:
     seed: int
     plan: Plan
     image: np.ndarray | None  # uint8 (H, W, 3) for img2img
+    control_image: np.ndarray | None = None  # ControlNet bundles: uint8 (n, H, W, 3), one image per net
+    control_scale: tuple[float, ...] = ()  # one per net (all 0 without a control image)
 
 
 @contextmanager
@@ -143,13 +147,44 @@ def _image(inputs: Mapping[str, Any], facts: ModelFacts) -> np.ndarray | None:
         return check_image(array, facts.height, facts.width, 1)[0]
 
 
+def _control(inputs: Mapping[str, Any], facts: ModelFacts) -> tuple[np.ndarray | None, tuple[float, ...]]:
+    """control_image (n, H, W, 3) and control_scale (n), with the runner's rules (runner/inputs.py)."""
+    value, scale = inputs.get("control_image"), inputs.get("control_scale")
+    nets = facts.controlnets
+    if value is None:
+        if scale is not None:
+            raise RequestError("control_scale", "given without control_image")
+        return None, (0.0,) * nets
+    if not nets:
+        raise RequestError("control_image", "this bundle has no ControlNet (built without --controlnet)")
+    array = np.asarray(value)
+    if array.ndim == 5 and array.shape[0] == 1:
+        array = array[0]
+    if array.dtype != np.uint8 or array.shape != (nets, facts.height, facts.width, 3):
+        raise RequestError("control_image", f"must be UINT8 [{nets}, {facts.height}, {facts.width}, 3] (one RGB image "
+                                            f"per ControlNet, the bundle's size), got {array.dtype} {list(array.shape)}")
+    scales = [1.0] * nets
+    if scale is not None:
+        raw = np.asarray(scale)
+        if raw.dtype.kind != "f" or raw.size != nets:
+            raise RequestError("control_scale", f"must be FP32 [{nets}] (one scale per ControlNet), got {raw.dtype} "
+                                                f"{list(raw.shape)}")
+        with _field("control_scale"):
+            scales = per_net([float(v) for v in raw.reshape(-1)], nets, "control_scale")
+    with _field("control_image"):
+        images = check_control_images(list(array), nets, facts.height, facts.width, 1)[:, 0]
+    return images, tuple(scales)
+
+
 def decode_request(inputs: Mapping[str, Any], facts: ModelFacts) -> ServeRequest:
     """One request's input arrays (by name; absent optional inputs missing or None) -> a checked request.
     Raises RequestError naming the first field that breaks a rule."""
     prompt = _prompt(inputs)
     image = _image(inputs, facts)
     plan = _plan(inputs, facts, image is not None)
-    return ServeRequest(prompt=prompt, seed=_seed(inputs), plan=plan, image=image)
+    control_image, control_scale = _control(inputs, facts)
+    return ServeRequest(prompt=prompt, seed=_seed(inputs), plan=plan, image=image, control_image=control_image,
+                        control_scale=control_scale)
 
 
 def decode_requests(batch: Iterable[Any], facts: ModelFacts,

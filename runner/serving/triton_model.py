@@ -20,7 +20,8 @@ import site
 from pathlib import Path
 from typing import Any
 
-INPUT_NAMES = ("prompt", "seed", "steps", "image", "strength")
+# control_image / control_scale: ControlNet bundles only (absent from other bundles' requests: read as None)
+INPUT_NAMES = ("prompt", "seed", "steps", "image", "strength", "control_image", "control_scale")
 
 
 def _add_site_dirs() -> None:

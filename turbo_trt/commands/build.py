@@ -64,6 +64,12 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys; a local file or hub id "
                         "owner/name[/file.safetensors]) into the weights before export, scale default 1.0; "
                         "repeatable. A changed LoRA or scale rebuilds only the parts it touches")
+    p.add_argument("--controlnet", action="append", default=[], metavar="ID_OR_DIR",
+                   help="fuse a diffusers ControlNetModel into the UNet engine (a hub id, a local save_pretrained "
+                        "directory, or 'random': the UNet's architecture with seeded random weights, offline with "
+                        "--random-weights and the tiny presets); repeatable, in the order `generate "
+                        "--control-image` takes the images. The UNet then reads a control image and a scale per "
+                        "net. Changing the nets rebuilds only the UNet")
     p.add_argument("--refittable", action="store_true",
                    help="build engines whose weights can be refitted, and record the graph weight map, so "
                         "LoRAs can be swapped at run time (`generate --lora`, `pipe.set_loras`)")
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, img2img=args.img2img, min_cosine=args.min_cosine, vae=args.vae, vae_fp32=args.vae_fp32,
         engine=EngineOptions(optimization_level=args.opt_level, workspace_gib=args.workspace, targets=targets,
                              refittable=args.refittable),
-        loras=tuple(lora_arguments(args.lora)),
+        loras=tuple(lora_arguments(args.lora)), controlnets=tuple(args.controlnet),
     )
     report = build(opts, Progress(enabled=not args.quiet))
     if report.up_to_date:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from .common import EXECUTOR_HELP, HelpFormatter, executors, lora_arguments
 
@@ -28,6 +29,13 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--image", type=Path, default=None, help="init image for image-to-image")
     p.add_argument("--strength", type=float, default=0.5,
                    help="image-to-image strength in (0, 1]; int(steps * strength) must be >= 1")
+    p.add_argument("--control-image", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="ControlNet bundles: the control image of one net and its scale (default 1.0); repeat once "
+                        "per net, in the order the nets were built. Without it the nets are off (scale 0)")
+    p.add_argument("--control-start", type=float, default=0.0,
+                   help="fraction of the UNet runs after which the ControlNets start acting")
+    p.add_argument("--control-end", type=float, default=1.0,
+                   help="fraction of the UNet runs after which the ControlNets stop acting")
     p.add_argument("--executor", choices=executors(), default="auto", help=EXECUTOR_HELP)
     p.add_argument("--ignore-targets", action="store_true",
                    help="run TensorRT engines even on a GPU outside the compute capabilities they were built for")
@@ -59,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             image.load()
         except (OSError, UnidentifiedImageError) as exc:
             raise InputError(f"--image {args.image}: not a readable image ({exc})") from exc
+    controls = [control_argument(value) for value in args.control_image]
+    if not controls and (args.control_start, args.control_end) != (0.0, 1.0):
+        raise InputError("--control-start / --control-end need --control-image")
     if args.out.suffix.lower() != ".png":
         raise InputError(f"--out must name a .png file, got {args.out}")
     import secrets
@@ -70,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
         print(pipe.executor.describe_memory(), file=sys.stderr)
     if args.lora:
         pipe.set_loras(dict(lora_arguments(args.lora)))
+    control = {}
+    if controls:
+        control = {"control_image": [picture for picture, _ in controls],
+                   "controlnet_conditioning_scale": [scale for _, scale in controls],
+                   "control_guidance_start": args.control_start, "control_guidance_end": args.control_end}
     images = pipe(args.prompt, num_inference_steps=args.steps, seed=seed, noise=noise, image=image,
-                  strength=args.strength)
+                  strength=args.strength, **control)
     from ..fsutil import atomic_path
 
     outs = [args.out] if len(images) == 1 else [args.out.with_name(f"{args.out.stem}-{i}.png") for i in range(len(images))]
@@ -80,3 +96,25 @@ def run(args: argparse.Namespace) -> int:
             picture.save(tmp, format="PNG")
         print(f"{out} (seed {seed}, {pipe.executor.name})")
     return 0
+
+
+def control_argument(value: str) -> tuple[Any, float]:
+    """`PATH[:SCALE]` -> (the loaded image, scale); a path that itself holds ':' works when no scale follows."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import InputError
+
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass
+    try:
+        picture = Image.open(path)
+        picture.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"--control-image {value}: not a readable image ({exc})") from exc
+    return picture, scale
