@@ -71,6 +71,11 @@ class Executor(ABC):
             raise TypeError(f"{type(launched).__name__} was not launched by a {type(self).__name__}")
         return launched.future.result()
 
+    @property
+    def broken(self) -> str | None:
+        """Why this executor can run nothing more (e.g. a sticky CUDA error), or None while it is usable."""
+        return None
+
     @abstractmethod
     def fork(self) -> Executor:
         """A new executor with its own execution state that shares this one's weights."""

@@ -261,6 +261,17 @@ class TensorRTExecutor(Executor):
             self._weights_version = self.engines.weights_version
 
     # -- per image --------------------------------------------------------------------------------------------
+    def _check_not_launched(self) -> None:
+        """Before taking the engines' shared lock: a second call while a launch is in flight raises at once
+        (taken after the lock, it could block behind a refit or cache save waiting for that launch)."""
+        if self._launched is not None:
+            raise ExecutionError("an image launched with launch() is still in flight: wait() for it first",
+                                 stage="launch")
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
     def _check_usable(self) -> None:
         if self._broken:
             raise ExecutionError(f"this executor is unusable after an earlier CUDA failure ({self._broken}); "
@@ -284,6 +295,7 @@ class TensorRTExecutor(Executor):
 
     def run(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
             control: Control | None = None) -> tuple[Any, int]:
+        self._check_not_launched()
         with self.engines.use_lock.shared():
             result = self._run(ids, plan, noise, image, control)
         self.engines.save_runtime_cache_if_changed()  # outside the image: it waits for other forks' images
@@ -352,6 +364,7 @@ class TensorRTExecutor(Executor):
         """Fill the pinned inputs, launch the image's graph and record an event after it; returns without
         waiting, so the host can prepare the next frame and finish the last while the GPU runs this one.
         The engines' shared lock is held from here to `wait` (no refit can start in between)."""
+        self._check_not_launched()
         guard = contextlib.ExitStack()
         guard.enter_context(self.engines.use_lock.shared())
         try:
@@ -389,6 +402,7 @@ class TensorRTExecutor(Executor):
     def run_profiled(self, ids: dict[str, Any], plan: Plan, noise: Noise, image: Any,
                      control: Control | None = None) -> Timings:
         """One eager pass (encoders included) with a CUDA event after each stage; GPU time per stage."""
+        self._check_not_launched()
         with self.engines.use_lock.shared():
             return self._run_profiled(ids, plan, noise, image, control)
 
@@ -430,6 +444,7 @@ class TensorRTExecutor(Executor):
 
     def prepare(self, plan: Plan) -> None:
         """Capture `plan`'s graphs now (both variants) rather than on its first call."""
+        self._check_not_launched()
         with self.engines.use_lock.shared():
             self._check_usable()
             if self.use_graphs:
@@ -446,10 +461,11 @@ class TensorRTExecutor(Executor):
             return
         if not self._broken:
             cuda.synchronize(self.stream)
-            self.engines.save_runtime_cache()
         if self._launched is not None:  # launched and never waited for: the sync above finished it
-            self._launched.guard.close()
+            self._launched.guard.close()  # before the save, which takes the engines' lock exclusively
             self._launched = None
+        if not self._broken:
+            self.engines.save_runtime_cache()
         if self._done is not None:
             cuda.destroy_event(self._done)
             self._done = None
