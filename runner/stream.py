@@ -18,21 +18,30 @@ Rules (README, "Real time"):
 - Similarity filter (opt-in): a frame whose downscaled copy (SIMILARITY_SIDE^2 pixels, scaled to [-1, 1])
   has cosine >= `similarity` with that of the last frame that ran, under the same settings, does not run:
   its result is the last output, `skipped=True`. After `max_skip` skips in a row one runs anyway. The
-  decision depends only on the frames that reach the engine, never on a random draw.
+  decision depends only on the frames that reach the engine, never on a random draw. Its limit: cosine
+  measures the pattern of deviations from mid-gray, not their size, so a frame whose contrast around
+  mid-gray changes by a constant factor (fades towards or away from gray) counts as identical.
 - Faults: a bad input raises at `push` (StreamInputError naming the field) and queues nothing; an engine
-  failure reaches the caller at the next `get` as FrameFailedError naming the frame, and the stream goes on;
-  `close()` is idempotent, counts the waiting inputs as dropped and joins the threads it owns; `get`/`push`
-  after it raise StreamClosedError.
+  failure reaches the caller as FrameFailedError naming the frame, in seq order with the results (at most
+  ERRORS_KEPT wait), and the stream goes on; `close()` is idempotent, counts the waiting inputs as dropped
+  and joins the threads it owns; `get`/`push` after it raise StreamClosedError. A pipeline whose executor
+  reports itself broken (a sticky CUDA error) is retired: its worker ends and the others go on; when none
+  is left, or a worker dies of an unexpected error (its inputs fail with FrameFailedError), the pool is
+  broken and `push`/`get` raise PoolBrokenError.
 
 A `StreamPool` runs the inputs of any number of streams on one or more pipelines (forks sharing the
 weights, one worker thread each), serving the streams with waiting inputs round robin, one input per
 stream at a time. `TurboPipeline.stream()` makes a pool of one fork that only its stream uses; the live
-server (runner/live) shares one pool among its clients. No torch is imported here.
+server (runner/live) shares one pool among its clients. A worker holds its pipeline's lock from launch to
+wait, so a pipeline given to a pool may still be called directly: the call waits for the image that runs.
+No torch is imported here.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import secrets
 import threading
 import time
@@ -47,10 +56,13 @@ from turbo_trt.errors import InputError, TurboTrtError
 
 from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
 from .schedule import Plan, img2img_plan, txt2img_plan
+from .tokenizer import PromptTruncated
 
 if TYPE_CHECKING:
     from .executors.base import Launched
     from .pipeline import TurboPipeline
+
+log = logging.getLogger("turbo_trt.stream")
 
 #: Side of the downscaled copy the similarity filter compares (area average over blocks).
 SIMILARITY_SIDE = 32
@@ -59,6 +71,8 @@ FPS_WINDOW = 32
 LATENCY_WINDOW = 512
 #: Distinct prompts / noise sets kept per stream (tokens and seeded noise are made once each).
 HOST_CACHE = 16
+#: Engine failures kept per stream until `get` raises them (older ones are counted, not kept).
+ERRORS_KEPT = 8
 #: `Stream.update`'s default for `similarity`: leave the filter as it is (None turns it off).
 KEEP: Any = object()
 
@@ -74,6 +88,11 @@ class StreamInputError(InputError):
 
 class StreamClosedError(TurboTrtError):
     """The stream (or its pool) was closed."""
+
+
+class PoolBrokenError(TurboTrtError):
+    """The stream pool can run nothing more: every pipeline's executor is broken, or a worker died of an
+    unexpected error (logged)."""
 
 
 class FrameFailedError(TurboTrtError):
@@ -120,6 +139,8 @@ class _Job:
     stream: Stream
     item: _Input
     launched: Launched | None = None
+    lock: threading.Lock | None = None  # the pipeline's lock, held from launch to wait
+    delivered: bool = False
     image: np.ndarray | None = None
     error: BaseException | None = None
     skipped: bool = False
@@ -175,10 +196,12 @@ class Stream:
         self._skips_in_row = 0
         self._result: StreamResult | None = None
         self._returned = -1  # highest seq returned by get (or passed over)
-        self._errors: collections.deque[FrameFailedError] = collections.deque()
+        self._errors: collections.deque[FrameFailedError] = collections.deque(maxlen=ERRORS_KEPT)
+        self.truncated: str | None = None  # the words dropped from the last prompt longer than the encoder's limit
         self._closed = False
         self._seq = 0
-        self._counts = {"pushed": 0, "processed": 0, "dropped": 0, "skipped": 0, "failed": 0}
+        self._counts = {"pushed": 0, "processed": 0, "dropped": 0, "skipped": 0, "failed": 0,
+                        "prompts_truncated": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._result_times: collections.deque[float] = collections.deque(maxlen=FPS_WINDOW)
         pool._attach(self)
@@ -275,6 +298,8 @@ class Stream:
         with self._lock:
             if self._closed:
                 raise StreamClosedError("push() on a closed stream")
+            if pool._broken is not None:
+                raise PoolBrokenError(pool._broken)
             seq = self._seq
             self._seq += 1
             self._settings = settings
@@ -289,9 +314,16 @@ class Stream:
     def _token_ids(self, prompt: str) -> dict[str, np.ndarray]:
         ids = self._tokens.get(prompt)
         if ids is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")  # a truncated prompt warns at each new prompt, not once per process
-                ids = self._pool.token_ids(prompt)
+            ids, dropped = self._pool.token_ids_checked(prompt)
+            if dropped is not None:  # recorded per stream; one warning per stream (warnings filters are global)
+                self.truncated = dropped
+                with self._lock:
+                    self._counts["prompts_truncated"] += 1
+                    first = self._counts["prompts_truncated"] == 1
+                if first:
+                    warnings.warn(f"prompt is longer than the text encoder's limit; dropped: {dropped!r} (warned "
+                                  "once per stream: see stream.truncated and stats()['prompts_truncated'])",
+                                  PromptTruncated, stacklevel=4)
             self._tokens[prompt] = ids
             if len(self._tokens) > HOST_CACHE:
                 self._tokens.popitem(last=False)
@@ -311,19 +343,24 @@ class Stream:
     # -- output ---------------------------------------------------------------------------------------------
     def get(self, timeout: float | None = None) -> StreamResult | None:
         """The newest finished result not returned yet, waiting up to `timeout` seconds (None: until one
-        comes); None if none came. Raises FrameFailedError for an input the engines failed on (once, at the
-        first get after the failure), StreamClosedError after close()."""
+        comes); None if none came. Raises FrameFailedError for an input the engines failed on (once, in seq
+        order with the results), StreamClosedError after close(), PoolBrokenError once the pool can run
+        nothing more (after what was delivered before)."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         with self._lock:
             while True:
                 if self._closed:
                     raise StreamClosedError("get() on a closed stream")
-                if self._errors:
-                    raise self._errors.popleft()
+                if self._errors and (self._result is None or self._errors[0].seq < self._result.seq):
+                    error = self._errors.popleft()
+                    self._returned = max(self._returned, error.seq)
+                    raise error
                 if self._result is not None:
                     result, self._result = self._result, None
                     self._returned = result.seq
                     return result
+                if self._pool._broken is not None:
+                    raise PoolBrokenError(self._pool._broken)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
@@ -403,6 +440,7 @@ class Stream:
 
     def _deliver(self, job: _Job, now: float) -> None:
         item = job.item
+        job.delivered = True
         self._in_progress -= 1
         if item.pixels is not None:
             self._frames_in_progress -= 1
@@ -426,7 +464,9 @@ class Stream:
 
 class StreamPool:
     """Pipelines (forks sharing weights) running the inputs of any number of streams; one worker thread
-    per pipeline, streams with waiting inputs served round robin, at most one input per stream running."""
+    per pipeline, streams with waiting inputs served round robin, at most one input per stream running.
+    Each worker holds its pipeline's lock (`TurboPipeline._lock`) from launch to wait, so direct calls on
+    a pipeline given here wait for the pool's image instead of running into its execution state."""
 
     def __init__(self, pipes: Sequence[TurboPipeline], close_pipes: bool = True) -> None:
         if not pipes:
@@ -440,15 +480,18 @@ class StreamPool:
         self.img2img = bool(first.bundle.img2img)
         self.ancestral = bool(first.scheduler["ancestral"])
         self.latent_shape = latent_shape(first.shapes)
-        self._tokenize = first.token_ids
+        self._tokenizers = first.tokenizers
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._streams: list[Stream] = []
         self._next = 0  # round-robin position in _streams
         self._closed = False
+        self._broken: str | None = None  # why the pool can run nothing more
+        self.retired: dict[int, str] = {}  # pipeline index -> why its executor is broken (its worker ended)
+        self._pipes_closed: set[int] = set()
         self.runs = 0  # engine runs launched (all streams)
-        self._threads = [threading.Thread(target=self._worker, args=(pipe,), name=f"turbo-trt-stream-{i}", daemon=True)
-                         for i, pipe in enumerate(self.pipes)]
+        self._threads = [threading.Thread(target=self._worker, args=(i, pipe), name=f"turbo-trt-stream-{i}",
+                                          daemon=True) for i, pipe in enumerate(self.pipes)]
         for thread in self._threads:
             thread.start()
 
@@ -457,17 +500,41 @@ class StreamPool:
         return Stream(self, prompt, **options)
 
     def token_ids(self, prompt: str) -> dict[str, np.ndarray]:
-        return self._tokenize([prompt])
+        return self.token_ids_checked(prompt)[0]
+
+    def token_ids_checked(self, prompt: str) -> tuple[dict[str, np.ndarray], str | None]:
+        """encoder -> int32 (batch, 77) ids of `prompt`, and the words dropped from it (None when it fits);
+        no warning."""
+        ids: dict[str, np.ndarray] = {}
+        dropped = None
+        for name, tokenizer in self._tokenizers.items():
+            row, cut = tokenizer.encode_checked(prompt)
+            ids[name] = np.stack([row] * self.batch)
+            dropped = dropped if cut is None or (dropped is not None and len(dropped) >= len(cut)) else cut
+        return ids, dropped
 
     @property
     def streams(self) -> int:
         with self._lock:
             return len(self._streams)
 
+    @property
+    def broken(self) -> str | None:
+        """Why the pool can run nothing more, or None."""
+        return self._broken
+
+    def health(self) -> dict[str, Any]:
+        """engines (pipelines still serving), retired ({index: reason}), broken (reason or None)."""
+        with self._lock:
+            return {"engines": len(self.pipes) - len(self.retired), "retired": dict(self.retired),
+                    "broken": self._broken}
+
     def _attach(self, stream: Stream) -> None:
         with self._lock:
             if self._closed:
                 raise StreamClosedError("the stream pool is closed")
+            if self._broken is not None:
+                raise PoolBrokenError(self._broken)
             self._streams.append(stream)
 
     def _detach(self, stream: Stream) -> None:
@@ -481,7 +548,8 @@ class StreamPool:
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Close every stream, let the workers finish what runs, join them (up to `timeout` seconds each) and
-        close the pipelines. Idempotent."""
+        close the pipelines. Idempotent. Called from a worker thread (e.g. a stream's `notify` callback), it
+        leaves that worker's pipeline to the worker, which closes it as it ends."""
         with self._lock:
             if self._closed:
                 streams: list[Stream] = []
@@ -492,18 +560,24 @@ class StreamPool:
         for stream in streams:
             stream.close()
         alive = False
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout)
-                alive = alive or thread.is_alive()
+        for index, thread in enumerate(self._threads):
+            if thread is threading.current_thread():
+                continue  # this worker closes its pipeline on its way out
+            thread.join(timeout)
+            if thread.is_alive():
+                alive = True
+            else:
+                self._close_pipe(index)
         if alive:
-            warnings.warn("a stream worker is still running after close(); its pipeline is left open",
+            warnings.warn("a stream worker is still running after close(); it closes its pipeline when it ends",
                           RuntimeWarning, stacklevel=2)
-            return
-        if self._close_pipes:
-            pipes, self.pipes = self.pipes, []
-            for pipe in pipes:
-                pipe.close()
+
+    def _close_pipe(self, index: int) -> None:
+        with self._lock:
+            if not self._close_pipes or index in self._pipes_closed:
+                return
+            self._pipes_closed.add(index)
+        self.pipes[index].close()
 
     def __enter__(self) -> StreamPool:
         return self
@@ -545,42 +619,103 @@ class StreamPool:
                     return skips, None
                 self._work.wait()
 
-    def _worker(self, pipe: TurboPipeline) -> None:
+    def _worker(self, index: int, pipe: TurboPipeline) -> None:
+        """Launch the next input, then deliver the last one (and any skipped on the way) while it runs. Every
+        job taken is delivered (a failure as FrameFailedError) and every launch waited for, whatever fails."""
         me = threading.current_thread()
         executor = pipe.executor
-        running: _Job | None = None
-        while True:
-            finished = None
-            if running is not None:
-                finished = self._finish(executor, running)
-            skips, job = self._take(me, block=finished is None)
-            if finished is None and job is None and not skips:
-                return  # closing
-            if job is not None:
+        running: _Job | None = None  # launched (or failed to launch), not waited for
+        owned: list[_Job] = []  # taken and not delivered
+        try:
+            while True:
+                finished = None
+                if running is not None:
+                    finished, running = self._finish(executor, running), None
+                retire = executor.broken
+                skips, job = ([], None) if retire else self._take(me, block=finished is None)
+                owned = ([finished] if finished is not None else []) + skips + ([job] if job is not None else [])
+                if not owned:
+                    return  # closing
+                if job is not None:
+                    self._launch(pipe, job)
+                    running = job
+                self._deliver_all(([finished] if finished is not None else []) + skips)
+                owned = [job] if job is not None else []
+                if retire:
+                    self._retire(index, retire)
+                    return
+        except BaseException as exc:
+            log.exception("stream worker %d died; the stream pool is broken", index)
+            if running is not None and running.launched is not None and running.error is None:
+                with contextlib.suppress(Exception):
+                    executor.wait(running.launched)  # never leave a launch in flight
+            if running is not None and running.lock is not None:
+                running.lock.release()
+                running.lock = None
+            self._die(index, exc, owned)
+        finally:
+            if self._closed:
+                self._close_pipe(index)
+
+    def _launch(self, pipe: TurboPipeline, job: _Job) -> None:
+        """Take the pipeline's lock and launch; a failure becomes the job's error (lock released)."""
+        pipe._lock.acquire()
+        job.lock = pipe._lock
+        try:
+            job.launched = pipe.executor.launch(job.item.ids, job.item.plan, job.item.noise, job.item.pixels)
+        except Exception as exc:  # delivered as this frame's failure
+            job.error = exc
+            job.lock = None
+            pipe._lock.release()
+
+    def _deliver_all(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        now = time.perf_counter()
+        with self._lock:
+            for done in jobs:
+                done.stream._deliver(done, now)
+            for done in jobs:
+                if done.stream._in_progress == 0:
+                    done.stream._owner = None
+            self._work.notify_all()
+        for stream in dict.fromkeys(done.stream for done in jobs):
+            if stream._notify is not None and not stream._closed:
                 try:
-                    job.launched = executor.launch(job.item.ids, job.item.plan, job.item.noise, job.item.pixels)
-                except Exception as exc:  # delivered below as this frame's failure
-                    job.error = exc
-            now = time.perf_counter()
-            notify: list[Stream] = []
-            with self._lock:
-                for done in ([finished] if finished is not None else []) + skips:
-                    done.stream._deliver(done, now)
-                    notify.append(done.stream)
-                for stream in notify:
-                    if stream._in_progress == 0:
-                        stream._owner = None
-                self._work.notify_all()
-            for stream in dict.fromkeys(notify):
-                if stream._notify is not None and not stream._closed:
-                    try:
-                        stream._notify()
-                    except Exception:  # noqa: S110 - a consumer that has gone away (e.g. its event loop closed)
-                        pass
-            running = job
+                    stream._notify()
+                except Exception:  # noqa: S110 - a consumer that has gone away (e.g. its event loop closed)
+                    pass
+
+    def _retire(self, index: int, reason: str) -> None:
+        log.error("stream pipeline %d retired: its executor is broken (%s)", index, reason)
+        with self._lock:
+            self.retired[index] = reason
+            if len(self.retired) == len(self.pipes):
+                self._broken = f"every engine is broken (last: {reason})"
+            self._wake_all()
+
+    def _die(self, index: int, exc: BaseException, owned: list[_Job]) -> None:
+        """An unexpected error ended worker `index`: its undelivered jobs fail, and the pool is broken."""
+        with self._lock:
+            self._broken = f"stream worker {index} died of an unexpected error ({type(exc).__name__})"
+        for job in owned:
+            if not job.delivered:
+                job.error = job.error or exc
+                job.skipped = False
+        with contextlib.suppress(Exception):
+            self._deliver_all([job for job in owned if not job.delivered])
+        with self._lock:
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Under the lock: every stream's waiters and the workers."""
+        for stream in self._streams:
+            stream._ready.notify_all()
+        self._work.notify_all()
 
     def _finish(self, executor: Any, job: _Job) -> _Job:
-        """Wait for a launched job (or take its launch failure) and record its output for the skip filter."""
+        """Wait for a launched job (or take its launch failure), release the pipeline's lock and record the
+        output for the skip filter."""
         from .pipeline import check_finite
 
         if job.error is None:
@@ -591,6 +726,10 @@ class StreamPool:
                 job.image = images[0]
             except Exception as exc:
                 job.error = exc
+            finally:
+                if job.lock is not None:
+                    job.lock.release()
+                    job.lock = None
         with self._lock:
             stream = job.stream
             if job.error is not None:
@@ -603,5 +742,5 @@ class StreamPool:
         return job
 
 
-__all__ = ["FrameFailedError", "Settings", "Stream", "StreamClosedError", "StreamInputError", "StreamPool",
+__all__ = ["FrameFailedError", "PoolBrokenError", "Settings", "Stream", "StreamClosedError", "StreamInputError", "StreamPool",
            "StreamResult", "cosine", "thumbnail"]

@@ -42,10 +42,18 @@ class LiveOptions:
             raise UsageError(f"--instances must be at least 1, got {self.instances}")
 
 
+#: Bytes over --max-message that the transport still reads (and the app answers with an error).
+WS_SLACK = 4096
+#: Client messages the transport buffers per connection before it stops reading the socket (the app reads
+#: one at a time, so this bounds a client's memory at about WS_MAX_QUEUE * ws_max_size).
+WS_MAX_QUEUE = 2
+
+
 def ws_max_size(max_message: int) -> int:
-    """The transport's own limit: messages up to twice --max-message (plus 64 KiB) are read and answered
-    with an error; beyond that the connection is closed (1009), so no message of any size is buffered."""
-    return 2 * max_message + 65536
+    """The transport's own limit: a message up to --max-message plus WS_SLACK bytes is read and answered
+    with an error when over --max-message; a larger one closes the connection (code 1009, message too big)
+    before it is buffered."""
+    return max_message + WS_SLACK
 
 
 def load_pool(options: LiveOptions, log: Callable[[str], None]) -> tuple[StreamPool, str]:
@@ -101,7 +109,7 @@ def serve(options: LiveOptions, log: Callable[[str], None]) -> None:
         sock = bind(options.address, options.port)
         port = sock.getsockname()[1]
         config: Any = uvicorn.Config(app.asgi(), log_level="warning", lifespan="off",
-                                     ws_max_size=ws_max_size(options.max_message),
+                                     ws_max_size=ws_max_size(options.max_message), ws_max_queue=WS_MAX_QUEUE,
                                      timeout_graceful_shutdown=GRACEFUL_S)
         log(f"serving {url(options.address, port)} (WebSocket /ws, health /health; up to {options.max_clients} "
             "clients); Ctrl-C stops")

@@ -19,8 +19,9 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Load and warm up a bundle, then serve a web page (GET /) and a WebSocket (/ws) with "
                     "uvicorn. Each client sends JSON settings and JPEG/PNG frames and gets one result per "
                     "input it sent (newest wins when it sends faster than the engines run); clients share "
-                    "the engines round robin. The port opens only after warm-up (GET /health). Protocol: "
-                    "README, Live. Needs the `live` extra.",
+                    "the engines round robin. The port opens only after warm-up (GET /health). Browsers "
+                    "must come from the server's own page (the Origin header is checked). Protocol: README, "
+                    "Real time > turbo-trt live. Needs the `live` extra.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--engines", type=Path, required=True, help="bundle directory written by `turbo-trt build`")
@@ -31,7 +32,8 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-clients", type=int, default=d["max_clients"],
                    help="WebSocket clients served at once; one more is closed with code 1013 and a reason")
     p.add_argument("--max-message", type=int, default=d["max_message"],
-                   help="largest client message in bytes; a larger one is answered with an error")
+                   help="largest client message in bytes; a larger one is answered with an error, and one over it by "
+                        "more than 4 KiB closes the connection (code 1009, message too big)")
     p.add_argument("--instances", type=int, default=d["instances"],
                    help="pipelines (forks sharing the weights, one execution state each) the clients share")
     p.add_argument("--executor", choices=executors(), default=d["executor"], help=EXECUTOR_HELP)

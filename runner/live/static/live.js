@@ -1,10 +1,11 @@
-// turbo-trt live: the page's client of the /ws protocol (README, "Live"). No dependencies.
+// turbo-trt live: the page's client of the /ws protocol (README, "Real time" > "turbo-trt live"). No
+// dependencies.
 //
-// At most one input is in flight: the next camera frame, prompt or upload is sent when the last result
-// (or error) arrives, so the server never queues stale work for this page and the display follows the
-// newest settings. A settings message that carries a prompt starts text-to-image when none of this
-// client's frames is in flight, so with the camera or an upload the prompt is sent right after a frame
-// (it then applies from the next frame on).
+// At most one input is in flight: the next camera frame, prompt or upload is sent when the last input's
+// result (or its error: an error message with "input": true) arrives, so the server never queues stale work
+// for this page and the display follows the newest settings. Text-to-image is asked for explicitly
+// ("generate": true); settings alone start nothing. A reply that never comes (REPLY_TIMEOUT_MS) frees the
+// slot so the page does not stall.
 "use strict";
 
 (() => {
@@ -14,10 +15,11 @@
     strengthValue: $("strength-value"), camera: $("camera"), upload: $("upload"), output: $("output"),
     preview: $("preview"), stats: $("stats"), status: $("status"), error: $("error"),
   };
+  const REPLY_TIMEOUT_MS = 30000;
   const canvas = document.createElement("canvas");
   const state = {
     config: null, ws: null, mode: "text", inFlight: 0, sentAt: 0, dirty: true, sent: {}, grabbing: false,
-    uploadBlob: null, resendUpload: false, meta: null, dropped: 0, results: 0, outputUrl: null, media: null,
+    uploadBlob: null, meta: null, dropped: 0, results: 0, outputUrl: null, media: null,
     retry: 500,
   };
 
@@ -57,13 +59,10 @@
     state.sentAt = performance.now();
   }
 
-  // Sends a frame with the current settings; the prompt goes after it (applies from the next frame).
+  // Sends the changed settings, then a frame that uses them.
   function sendWithFrame(blob, wanted) {
-    const { prompt, ...rest } = changes(wanted);
-    sendSettings(rest);
+    sendSettings(changes(wanted));
     sendFrame(blob);
-    if (prompt !== undefined) sendSettings({ prompt });
-    return prompt !== undefined;
   }
 
   function grabFrame() {
@@ -95,12 +94,13 @@
       }
       state.dirty = false;
     } else if (state.mode === "upload") {
-      if (!state.uploadBlob || (!state.dirty && !state.resendUpload)) return;
-      state.resendUpload = sendWithFrame(state.uploadBlob, wanted);
+      if (!state.uploadBlob || !state.dirty) return;
+      sendWithFrame(state.uploadBlob, wanted);
       state.dirty = false;
     } else {
       if (!state.dirty || wanted.prompt.trim() === "") return;
-      sendSettings({ ...changes(wanted), prompt: wanted.prompt });  // a prompt, no frame in flight: text to image
+      state.ws.send(JSON.stringify({ ...changes(wanted), prompt: wanted.prompt, generate: true }));  // text to image
+      Object.assign(state.sent, wanted);
       state.inFlight += 1;
       state.sentAt = performance.now();
       state.dirty = false;
@@ -134,8 +134,12 @@
       const msg = JSON.parse(event.data);
       if ("error" in msg) {
         showError(msg.error);
-        settle(1);
-        setTimeout(pump, 0);
+        if (msg.input) {  // an input that queued nothing, or one the engines failed on: its slot is free
+          settle(1);
+          setTimeout(pump, 0);
+        } else {
+          state.sent = {};  // a settings-only error: the server kept its old settings; send them all again
+        }
         return;
       }
       if (typeof msg.dropped === "number" && msg.dropped > state.dropped) {
@@ -255,6 +259,14 @@
     }
     for (const input of [el.prompt, el.seed, el.steps, el.strength]) input.addEventListener("input", onSettings);
     el.camera.addEventListener("click", () => (state.media ? stopCamera() : startCamera()));
+    setInterval(() => {  // a reply that never came (a lost message, a stuck server) must not stall the page
+      if (state.inFlight > 0 && performance.now() - state.sentAt > REPLY_TIMEOUT_MS) {
+        state.inFlight = 0;
+        state.dirty = true;
+        showError("No reply from the server in time; sending again.");
+        pump();
+      }
+    }, 1000);
     el.upload.addEventListener("change", upload);
     connect();
   }
