@@ -605,7 +605,12 @@ class StreamPool:
                         stream._in_progress += 1
                         if item.pixels is not None:
                             stream._frames_in_progress += 1
-                        if stream._skip(item):
+                        try:
+                            skip = stream._skip(item)
+                        except Exception:  # the filter is an optimization: run the frame
+                            log.exception("the similarity filter failed; the frame runs")
+                            skip = False
+                        if skip:
                             stream._skips_in_row += 1
                             assert stream._last_output is not None
                             skips.append(_Job(stream, item, image=stream._last_output.copy(), skipped=True))
@@ -663,10 +668,12 @@ class StreamPool:
         job.lock = pipe._lock
         try:
             job.launched = pipe.executor.launch(job.item.ids, job.item.plan, job.item.noise, job.item.pixels)
-        except Exception as exc:  # delivered as this frame's failure
-            job.error = exc
+        except BaseException as exc:
             job.lock = None
             pipe._lock.release()
+            if not isinstance(exc, Exception):
+                raise  # the worker's handler fails the job and breaks the pool
+            job.error = exc  # delivered as this frame's failure
 
     def _deliver_all(self, jobs: list[_Job]) -> None:
         if not jobs:

@@ -112,3 +112,18 @@ def sd_control_bundle(tmp_path_factory: pytest.TempPathFactory, sd_bundle):
 def sdxl_control_bundle(tmp_path_factory: pytest.TempPathFactory, sdxl_bundle):
     """tiny-sdxl-turbo with one ControlNet: (bundle, build report, net directories)."""
     return _controlnet_bundle(tmp_path_factory, sdxl_bundle[0], "tiny-sdxl-turbo", 1)
+
+
+# -- frames and direct calls shared by the stream and live-server tests -------------------------------------
+def smooth_frame(seed: int, size: tuple[int, int] = (64, 64)):
+    """A smooth random picture (an upsampled 8x8 grid, PIL RGB), so nearby seeds give different content."""
+    import numpy as np
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+
+
+def direct_image(pipe, prompt: str, seed: int, steps: int, image=None, strength: float = 0.5):
+    """The pipeline's own call for one stream input: uint8 (H, W, 3)."""
+    return pipe(prompt, image=image, strength=strength, num_inference_steps=steps, seed=seed, output_type="np")[0]

@@ -26,11 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from turbo_trt.benchmarks.serve_bench import free_ports
 from turbo_trt.runner import TurboPipeline
+
+from .conftest import direct_image as direct
+from .conftest import smooth_frame
 
 START_TIMEOUT_S = 120
 WAIT = 60.0  # any single reply on two busy shared cores
@@ -112,19 +115,13 @@ def pipe(sd_bundle):
 
 
 def picture(seed: int, fmt: str = "PNG", size: tuple[int, int] = (64, 64)) -> bytes:
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
     out = io.BytesIO()
-    small.save(out, format=fmt)
+    smooth_frame(seed, size).save(out, format=fmt)
     return out.getvalue()
 
 
 def decoded(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def direct(pipe, prompt, seed, steps, image=None, strength=0.5):
-    return pipe(prompt, image=image, strength=strength, num_inference_steps=steps, seed=seed, output_type="np")[0]
 
 
 def receive_result(ws) -> tuple[dict, np.ndarray]:
@@ -138,7 +135,7 @@ def receive_result(ws) -> tuple[dict, np.ndarray]:
 
 def receive_error(ws) -> dict:
     reply = json.loads(ws.recv(timeout=WAIT))
-    assert set(reply) >= {"error", "field"}, reply
+    assert set(reply) >= {"error", "field", "input"}, reply
     return reply
 
 
@@ -162,7 +159,7 @@ def test_page_health_and_config(live):
 def test_results_equal_direct_calls(live, pipe):
     frame_png, frame_jpeg = picture(1), picture(2, "JPEG")
     with live.ws() as ws:
-        ws.send(json.dumps({"format": "png", "prompt": "a red cat", "seed": 3, "steps": 2}))  # nothing in flight: txt2img
+        ws.send(json.dumps({"format": "png", "prompt": "a red cat", "seed": 3, "steps": 2, "generate": True}))
         meta, image = receive_result(ws)
         assert meta["seq"] == 0 and not meta["skipped"] and meta["dropped"] == 0 and meta["latency_ms"] > 0
         np.testing.assert_array_equal(image, direct(pipe, "a red cat", 3, 2))
@@ -171,7 +168,8 @@ def test_results_equal_direct_calls(live, pipe):
         meta, image = receive_result(ws)
         assert meta["seq"] == 1
         np.testing.assert_array_equal(image, direct(pipe, "a red cat", 3, 2, decoded(frame_png)))
-        ws.send(json.dumps({"prompt": "a dog", "seed": 4}))
+        ws.send(json.dumps({"prompt": "a dog", "seed": 4}))  # settings alone start nothing ...
+        ws.send(json.dumps({"generate": True}))  # ... text-to-image is asked for
         meta, image = receive_result(ws)
         assert meta["seq"] == 2
         np.testing.assert_array_equal(image, direct(pipe, "a dog", 4, 2))
@@ -196,37 +194,53 @@ def test_results_equal_direct_calls(live, pipe):
 def test_every_bad_message_gets_an_error_and_the_connection_stays(live, pipe):
     gif = io.BytesIO()
     Image.new("RGB", (64, 64)).save(gif, format="GIF")
-    bad: list[tuple[str | bytes, str]] = [
-        ("not json", "message"),
-        ("[1, 2]", "message"),
-        (json.dumps({"colour": "red"}), "colour"),
-        (json.dumps({"prompt": 5}), "prompt"),
-        (json.dumps({"seed": -1}), "seed"),
-        (json.dumps({"seed": 1.5}), "seed"),
-        (json.dumps({"steps": 9}), "steps"),
-        (json.dumps({"strength": 2}), "strength"),
-        (json.dumps({"similarity": 1.5}), "similarity"),
-        (json.dumps({"format": "gif"}), "format"),
-        (json.dumps({"prompt": None}), "prompt"),
-        (json.dumps({"prompt": "x" * MAX_MESSAGE}), "message"),
-        (b"\x89PNG not really", "frame"),
-        (gif.getvalue(), "frame"),
-        (picture(5, size=(64, 32)), "frame"),  # another aspect ratio
-        (b"\0" * (MAX_MESSAGE + 1), "message"),
+    bad: list[tuple[str | bytes, str, bool]] = [  # (message, field, whether it was an input)
+        ("not json", "message", False),
+        ("[1, 2]", "message", False),
+        (json.dumps({"colour": "red"}), "colour", False),
+        (json.dumps({"prompt": 5}), "prompt", False),
+        (json.dumps({"prompt": "a" * 2001, "generate": True}), "prompt", True),  # over 2,000 characters
+        (json.dumps({"generate": "yes"}), "generate", False),
+        (json.dumps({"seed": -1, "generate": True}), "seed", True),
+        (json.dumps({"seed": 1.5}), "seed", False),
+        (json.dumps({"steps": 9}), "steps", False),
+        (json.dumps({"strength": 2}), "strength", False),
+        (json.dumps({"similarity": 1.5}), "similarity", False),
+        (json.dumps({"format": "gif"}), "format", False),
+        (json.dumps({"prompt": None}), "prompt", False),
+        (json.dumps({"prompt": "x" * MAX_MESSAGE}), "message", False),
+        (b"\x89PNG not really", "frame", True),
+        (gif.getvalue(), "frame", True),
+        (picture(5, size=(64, 32)), "frame", True),  # another aspect ratio
+        (b"\0" * (MAX_MESSAGE + 1), "message", True),
     ]
     with live.ws() as ws:
-        for message, name in bad:
+        for message, name, is_input in bad:
             ws.send(message)
             reply = receive_error(ws)
-            assert reply["field"] == name, (message[:40], reply)
+            assert (reply["field"], reply["input"]) == (name, is_input), (message[:40], reply)
         ws.send(json.dumps({"steps": 1}))  # fine alone: 1 step of text-to-image ...
         ws.send(picture(6))  # ... but 1 step at strength 0.5 runs no image-to-image step
         reply = receive_error(ws)
-        assert reply["field"] == "strength" and "0 steps" in reply["error"]
-        ws.send(json.dumps({"format": "png", "prompt": "still here", "seed": 1}))
+        assert reply["field"] == "strength" and "0 steps" in reply["error"] and reply["input"]
+        ws.send(json.dumps({"format": "png", "prompt": "still here", "seed": 1, "generate": True}))
         meta, image = receive_result(ws)
         assert meta["seq"] == 0  # none of the bad messages queued anything
         np.testing.assert_array_equal(image, direct(pipe, "still here", 1, 1))
+        ws.send(b"\0" * (MAX_MESSAGE + 8192))  # over the transport's limit (4 KiB of slack): closed, not read
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=WAIT)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+def test_foreign_origin_is_refused(live):
+    """A browser page from another site must not drive the local server (the Origin header is checked)."""
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"ws://127.0.0.1:{live.port}/ws", origin="http://evil.example", open_timeout=10)
+    assert info.value.response.status_code == 403
+    with connect(f"ws://127.0.0.1:{live.port}/ws", origin=f"http://127.0.0.1:{live.port}", open_timeout=10) as ws:
+        ws.send(json.dumps({"steps": 1}))  # accepted: settings only, nothing comes back
+    live.wait_clients(0)
 
 
 def test_client_limit(live):
@@ -242,33 +256,35 @@ def test_client_limit(live):
         clients[0].close()
         live.wait_clients(MAX_CLIENTS - 1)
         with live.ws() as again:
-            again.send(json.dumps({"prompt": "a seat is free"}))
+            again.send(json.dumps({"prompt": "a seat is free", "generate": True}))
             receive_result(again)
     live.wait_clients(0)
 
 
 def test_disconnect_mid_frame_costs_the_others_nothing(live, pipe):
-    """A client sends a burst of slow frames and leaves at once: its waiting frames never run, and another
-    client's results keep coming, equal to direct calls."""
+    """A client sends two slow frames and leaves at once: the first runs (the engine was idle), the second
+    waits and is dropped with the client, never run; another client's results keep coming, equal to direct
+    calls. The engine-run count is exact: one more run means the leaving client's waiting frame ran."""
     live.wait_clients(0)
-    runs_before = live.health()["runs"]
-    frames = [picture(20 + i) for i in range(20)]
+    frames = [picture(20 + i) for i in range(3)]
     with live.ws() as other:
-        other.send(json.dumps({"format": "png", "prompt": "the other client", "seed": 9, "steps": 2}))
+        other.send(json.dumps({"format": "png", "prompt": "the other client", "seed": 9, "steps": 2,
+                               "generate": True}))
         receive_result(other)
+        runs_before = live.health()["runs"]
         with live.ws() as leaving:
             leaving.send(json.dumps({"steps": 4, "strength": 1.0}))
-            for data in frames:
-                leaving.send(data)
+            leaving.send(frames[0])  # runs at once: the engine is idle
+            leaving.send(frames[1])  # waits behind it, and goes with the client
+        live.wait_clients(1)
         for i in range(3):
             other.send(frames[i])
             meta, image = receive_result(other)
             np.testing.assert_array_equal(image, direct(pipe, "the other client", 9, 2, decoded(frames[i])))
     live.wait_clients(0)
-    runs = live.health()["runs"] - runs_before
-    assert runs < 4 + len(frames), f"{runs} engine runs: the leaving client's waiting frames ran"
     time.sleep(0.3)
-    assert live.health()["runs"] - runs_before == runs  # nothing of the leaving client is left to run
+    runs = live.health()["runs"] - runs_before
+    assert runs == 1 + 3, f"{runs} engine runs: expected the leaving client's first frame and the other's three"
 
 
 def test_live_server_imports_no_torch(tmp_path):

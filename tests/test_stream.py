@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 
 from turbo_trt.runner import TurboPipeline
-from turbo_trt.runner.stream import FrameFailedError, StreamClosedError, StreamInputError, StreamPool
+from turbo_trt.runner.stream import FrameFailedError, PoolBrokenError, StreamClosedError, StreamInputError, StreamPool
+
+from .conftest import direct_image as direct
+from .conftest import smooth_frame
 
 WAIT = 60.0  # seconds any single result may take on two busy shared cores
 
@@ -26,14 +29,7 @@ def pipe(sd_bundle):
 
 
 def frame(seed: int, size: int = 64) -> np.ndarray:
-    """A smooth random picture (an upsampled 8x8 grid), so nearby seeds give different content."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def direct(pipe, prompt, seed, steps, image=None, strength=0.5):
-    return pipe(prompt, image=image, strength=strength, num_inference_steps=steps, seed=seed, output_type="np")[0]
+    return np.asarray(smooth_frame(seed, (size, size)))
 
 
 def next_result(stream):
@@ -181,27 +177,99 @@ def test_faults(pipe):
         stream.push(good)
 
 
-def test_two_streams_on_forks_in_threads(pipe):
-    want = {(s, i): direct(pipe, f"thread {s}", s, 2, frame(70 + i)) for s in range(2) for i in range(3)}
-    got: dict = {}
+def test_pool_of_two_forks_three_streams_in_threads(pipe):
+    """Three streams on a pool of two forks, each pushing bursts from its own thread: per stream, results
+    come in increasing seq, pushed = processed + dropped once idle, and every result equals the direct call
+    with that stream's settings on the frame of its seq."""
+    frames = [frame(70 + i) for i in range(4)]
+    pushes = 8  # push i sends frames[i % 4]
+    got: dict[int, list] = {s: [] for s in range(3)}
     errors: list[BaseException] = []
+    pool = StreamPool([pipe.fork(), pipe.fork()])
+    try:
+        streams = [pool.stream(f"thread {s}", steps=2, strength=0.5, seed=s) for s in range(3)]
 
-    def work(s: int) -> None:
-        try:
-            with pipe.stream(f"thread {s}", steps=2, strength=0.5, seed=s) as stream:
-                for i in range(3):
-                    stream.push(frame(70 + i))
-                    got[(s, i)] = next_result(stream).image
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        def work(s: int) -> None:
+            try:
+                stream = streams[s]
+                for i in range(pushes):
+                    stream.push(frames[i % 4])
+                    if i % 2:  # bursts of two: the first of each pair usually waits and is replaced
+                        result = stream.get(timeout=0.01)
+                        if result is not None:
+                            got[s].append(result)
+                while not stream.idle or stream._result is not None:
+                    result = stream.get(timeout=WAIT)
+                    assert result is not None, "no result within the time limit"
+                    got[s].append(result)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=WAIT * 3)
-    assert not any(t.is_alive() for t in threads), "a stream thread hung"
-    assert not errors, errors
-    assert sorted(got) == sorted(want)
-    for key, image in got.items():
-        np.testing.assert_array_equal(image, want[key])
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=WAIT * 3)
+        assert not any(t.is_alive() for t in threads), "a stream thread hung"
+        assert not errors, errors
+        assert pool.runs == sum(stream.stats()["processed"] for stream in streams)
+        want: dict = {}
+        for s, stream in enumerate(streams):
+            seqs = [r.seq for r in got[s]]
+            assert seqs == sorted(set(seqs)) and seqs[-1] == pushes - 1, seqs
+            stats = stream.stats()
+            assert stats["pushed"] == pushes == stats["processed"] + stats["dropped"]
+            assert stats["processed"] >= len(got[s]) and stats["failed"] == stats["skipped"] == 0
+            for result in got[s]:
+                key = (s, result.seq % 4)
+                if key not in want:
+                    want[key] = direct(pipe, f"thread {s}", s, 2, frames[result.seq % 4])
+                np.testing.assert_array_equal(result.image, want[key])
+    finally:
+        pool.close()
+
+
+class WorkerBug(BaseException):
+    """Stands for an unexpected error inside a stream worker (not an engine failure)."""
+
+
+def test_worker_death_breaks_the_pool_and_close_from_a_worker(pipe):
+    """A worker that dies of an unexpected error fails the input it held with FrameFailedError and breaks
+    the pool: get and push then raise PoolBrokenError. A pool closed from its own worker (a notify callback)
+    does not deadlock: the worker closes its pipeline as it ends."""
+    pool = StreamPool([pipe.fork()])
+    executor = pool.pipes[0].executor
+
+    def launch(*args):
+        raise WorkerBug("a bug")
+
+    executor.launch = launch
+    try:
+        stream = pool.stream("a kite", steps=2, seed=1)
+        stream.push(frame(80))
+        with pytest.raises(FrameFailedError, match="frame 0 failed") as failure:
+            stream.get(timeout=WAIT)
+        assert isinstance(failure.value.__cause__, WorkerBug)
+        with pytest.raises(PoolBrokenError, match="worker 0 died"):
+            stream.get(timeout=WAIT)
+        with pytest.raises(PoolBrokenError):
+            stream.push(frame(81))
+        pool._threads[0].join(WAIT)
+        assert not pool._threads[0].is_alive() and pool.health()["broken"]
+    finally:
+        pool.close()
+    assert pool._pipes_closed == {0}
+
+    pool = StreamPool([pipe.fork()])
+    closed = threading.Event()
+
+    def close_from_worker() -> None:
+        pool.close()
+        closed.set()
+
+    stream = pool.stream("a kite", steps=2, seed=1, notify=close_from_worker)
+    stream.push(frame(82))
+    assert closed.wait(WAIT), "close() from the worker did not return"
+    pool._threads[0].join(WAIT)
+    assert not pool._threads[0].is_alive() and pool._pipes_closed == {0}
+    assert stream.closed and stream.stats()["processed"] == 1
