@@ -381,6 +381,12 @@ class Stream:
             return sum(item.pixels is not None for item in self._waiting) + self._frames_in_progress
 
     @property
+    def waiting(self) -> int:
+        """Inputs waiting (not running yet)."""
+        with self._lock:
+            return len(self._waiting)
+
+    @property
     def idle(self) -> bool:
         """Nothing waiting and nothing running."""
         with self._lock:

@@ -378,6 +378,28 @@ def test_launch_then_wait_equals_run(trt_pipe):
         fork.close()
 
 
+def test_close_with_a_launch_in_flight_returns(trt_pipe):
+    """close() while a launch holds the engines' shared lock: it synchronizes, releases the launch's lock and
+    only then saves the runtime cache (which takes the lock exclusively), so it returns instead of deadlocking;
+    a second call before wait() raises at once instead of blocking behind the lock."""
+    import threading
+
+    from turbo_trt.errors import ExecutionError
+    from turbo_trt.runner.inputs import make_noise
+
+    fork = trt_pipe.fork()
+    executor = fork.executor
+    plan, ids = fork.plan(1, None), fork.token_ids(["an unfinished cat"])
+    executor.launch(ids, plan, make_noise(1, (1, 4, 8, 8), False, 0), None)
+    with pytest.raises(ExecutionError, match="still in flight"):
+        executor.prepare(plan)
+    closer = threading.Thread(target=fork.close, daemon=True)
+    closer.start()
+    closer.join(timeout=60)
+    assert not closer.is_alive(), "close() deadlocked with a launch in flight"
+    assert executor.stream is None
+
+
 def test_stream_on_tensorrt_equals_direct_calls(trt_pipe):
     frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     with trt_pipe.stream("a streamed cat", steps=2, strength=0.5, seed=3) as stream:
