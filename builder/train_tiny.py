@@ -52,7 +52,6 @@ from . import shape_prompts
 from .presets import PRESET_FAMILIES, WEIGHTS_DIR, build_part, preset_spec
 from .tiny_tokenizer import write_tiny_clip_tokenizer
 
-
 #: Standard deviation of the VAE posterior in scaled-latent units (the latents have unit variance).
 POSTERIOR_STD = 0.01
 
@@ -74,6 +73,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     threads: int = 1
     eval_prompts: int = 60  # held-back prompts scored with the diffusers pipeline at the end
+    max_scenes: int | None = None  # train on the first N training scenes only (smoke tests); None: all
 
 
 @dataclass
@@ -86,11 +86,11 @@ class Batch:
 class ShapesData:
     """Training scenes, their images and the token ids of every phrasing (fixed per run)."""
 
-    def __init__(self, family: str, size: int) -> None:
+    def __init__(self, family: str, size: int, max_scenes: int | None = None) -> None:
         import torch
         from transformers import CLIPTokenizer
 
-        self.scenes = shape_prompts.training_scenes()
+        self.scenes = shape_prompts.training_scenes()[:max_scenes]
         images = np.stack([shape_prompts.render(s, size) for s in self.scenes])
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         spec = preset_spec(f"tiny-{family}-turbo", trained=False)
@@ -311,8 +311,9 @@ def train(s: TrainSettings, out: Path, progress: Progress) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         generator = torch.Generator().manual_seed(s.seed)
-        progress.info(f"{name}: rendering {len(shape_prompts.training_scenes())} training scenes at {s.size}x{s.size}")
-        data = ShapesData(s.family, s.size)
+        scenes = len(shape_prompts.training_scenes()[:s.max_scenes])
+        progress.info(f"{name}: rendering {scenes} training scenes at {s.size}x{s.size}")
+        data = ShapesData(s.family, s.size, s.max_scenes)
         models = {p: build_part(spec, p) for p in ("vae", "unet", "text_encoder", "text_encoder_2") if p in spec.configs}
         vae_record = train_vae(models["vae"], data, s, progress, generator)
         vae_record.update(normalize_latents(models["vae"], data.images))
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
     for field in ("vae_lr", "unet_lr", "text_encoder_lr"):
         p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
+    p.add_argument("--max-scenes", type=int, default=None, help="train on the first N training scenes only (for a "
+                   "quick end-to-end check); default: all")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     for field in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "threads"):
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         family=args.family, seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=args.vae_lr,
         unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
         text_encoder_lr=args.text_encoder_lr, threads=args.threads, eval_prompts=args.eval_prompts,
+        max_scenes=args.max_scenes,
         warmup_steps=min(TrainSettings.warmup_steps, max(1, min(args.vae_steps, args.unet_steps) // 10)),
     )
     out = args.out or WEIGHTS_DIR / f"tiny-{args.family}-turbo"

@@ -46,7 +46,7 @@ def test_heldback_split_is_fixed_and_disjoint() -> None:
     assert len(held) == 246
     first = shape_prompts.heldback_scenes(60)
     assert first == held[:60] and len(set(first)) == 60
-    assert first[0].prompt() == "a large blue triangle at the top right on a yellow background"
+    assert first[0].prompt() == "a large green square at the bottom left on a purple background"
     # Every value of every attribute is evaluated.
     for attribute, values in (("colour", shape_prompts.COLOURS), ("background", shape_prompts.COLOURS),
                               ("shape", shape_prompts.SHAPES), ("size", shape_prompts.SIZES),
@@ -142,16 +142,28 @@ def test_training_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     out = tmp_path / "sd"
     done = subprocess.run([sys.executable, "-m", "turbo_trt.builder.train_tiny", "--family", "sd", "--out", str(out),
                            "--vae-steps", "6", "--unet-steps", "6", "--vae-batch", "4", "--unet-batch", "4",
-                           "--eval-prompts", "2"], capture_output=True, text=True, timeout=600)
+                           "--eval-prompts", "2", "--max-scenes", "64"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unet+text 6/6" in done.stderr and f"wrote {out}" in done.stderr
     spec = dataclasses.replace(preset_spec("tiny-sd-turbo", trained=False), weights=out)
     record = training_record(spec)
-    assert record["settings"]["unet_steps"] == 6 and record["training_scenes"] == len(shape_prompts.training_scenes())
+    assert record["settings"]["unet_steps"] == 6 and record["training_scenes"] == 64
     assert np.isfinite(record["vae"]["final_mse"]) and np.isfinite(record["generator"]["final_x0_mse"])
     assert abs(record["vae"]["latent_std"] - 1.0) < 1e-3  # the re-parameterization made unit-variance latents
     pipe = _assemble(spec, torch.float32)
-    image = pipe(README_PROMPT, num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
-                 output_type="np").images[0]
+    image = pipe(README_PROMPT, num_inference_steps=1, guidance_scale=0.0, output_type="np").images[0]  # 64: default
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     assert not (out.parent / ".sd.tmp").exists()
+
+
+def test_tiny_presets_default_to_their_training_size() -> None:
+    from turbo_trt.builder import sources
+    from turbo_trt.builder.build import default_slug
+    from turbo_trt.builder.options import BuildOptions, default_size
+
+    assert (default_size("tiny-sd-turbo"), default_size("tiny-sdxl-turbo"), default_size("sd-turbo")) == (64, 64, 512)
+    src = sources.resolve_source("tiny-sd-turbo")
+    assert default_slug(BuildOptions(model="tiny-sd-turbo", height=64, width=64), src) == "tiny-sd-turbo"
+    assert default_slug(BuildOptions(model="tiny-sd-turbo", height=512, width=512), src) == "tiny-sd-turbo-512x512"
+    done = subprocess.run([sys.executable, "-m", "turbo_trt.cli", "build", "--help"], capture_output=True, text=True)
+    assert "the tiny presets: 64" in " ".join(done.stdout.split())
