@@ -74,6 +74,7 @@ class TrainSettings:
     threads: int = 1
     eval_prompts: int = 60  # held-back prompts scored with the diffusers pipeline at the end
     max_scenes: int | None = None  # train on the first N training scenes only (smoke tests); None: all
+    vae_from: str | None = None  # start the VAE from a trained one (the families share its architecture)
 
 
 @dataclass
@@ -315,13 +316,17 @@ def train(s: TrainSettings, out: Path, progress: Progress) -> dict[str, Any]:
         progress.info(f"{name}: rendering {scenes} training scenes at {s.size}x{s.size}")
         data = ShapesData(s.family, s.size, s.max_scenes)
         models = {p: build_part(spec, p) for p in ("vae", "unet", "text_encoder", "text_encoder_2") if p in spec.configs}
-        vae_record = train_vae(models["vae"], data, s, progress, generator)
+        if s.vae_from is not None:
+            from .presets import _load_trained
+
+            _load_trained(models["vae"], Path(s.vae_from))
+        vae_record = train_vae(models["vae"], data, s, progress, generator) if s.vae_steps else {}
         vae_record.update(normalize_latents(models["vae"], data.images))
         data.latents = encode_all(models["vae"], data.images)
         vae_record["latent_std"] = float(data.latents.std())
         for p in models["vae"].parameters():
             p.requires_grad_(False)
-        encoders = {p: m for p, m in models.items() if p.startswith("text_encoder")}
+        encoders: dict[str, Any] = {p: m for p, m in models.items() if p.startswith("text_encoder")}
         cond = Conditioner(s.family, encoders, s.size)
         gen_record = train_generator(models["unet"], cond, build_scheduler(spec), data, s, progress, generator)
     out = Path(out)
@@ -333,13 +338,15 @@ def train(s: TrainSettings, out: Path, progress: Progress) -> dict[str, Any]:
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     progress.info(f"{name}: scoring the held-back prompts with the diffusers pipeline")
     evaluation = evaluate(dataclasses.replace(spec, weights=tmp), s.size, s.eval_prompts)
+    total_bytes = sum((tmp / f).stat().st_size for f in files)
+    size_mb = total_bytes / 1e6
     record = {
         "preset": name, "settings": asdict(s), "language": shape_prompts.describe(),
         "training_scenes": len(data.scenes), "vae": vae_record, "generator": gen_record,
         "heldback_score_diffusers": evaluation,
         "seconds": round(time.monotonic() - total_start, 1),
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers")},
-        "files": files, "bytes": sum((tmp / f).stat().st_size for f in files),
+        "files": files, "bytes": total_bytes,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     old = out.with_name(f".{out.name}.old")
@@ -348,7 +355,7 @@ def train(s: TrainSettings, out: Path, progress: Progress) -> dict[str, Any]:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    progress.info(f"{name}: wrote {out} ({record['bytes'] / 1e6:.2f} MB, {record['seconds']:.0f} s)")
+    progress.info(f"{name}: wrote {out} ({size_mb:.2f} MB, {record['seconds']:.0f} s)")
     return record
 
 
@@ -363,19 +370,25 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
     for field in ("vae_lr", "unet_lr", "text_encoder_lr"):
         p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
+    p.add_argument("--vae-from", default=None, metavar="DIR",
+                   help="start the VAE from a trained one (a save_pretrained folder, e.g. the other family's "
+                        "tiny_weights/<preset>/vae: both families share its architecture); with --vae-steps 0 "
+                        "it is only re-normalized for this family's scaling_factor")
     p.add_argument("--max-scenes", type=int, default=None, help="train on the first N training scenes only (for a "
                    "quick end-to-end check); default: all")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
-    for field in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "threads"):
+    if args.vae_steps < 0:
+        p.error("--vae-steps must be at least 0")
+    for field in ("unet_steps", "vae_batch", "unet_batch", "threads"):
         if getattr(args, field) < 1:
             p.error(f"--{field.replace('_', '-')} must be at least 1")
     settings = TrainSettings(
         family=args.family, seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=args.vae_lr,
         unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
         text_encoder_lr=args.text_encoder_lr, threads=args.threads, eval_prompts=args.eval_prompts,
-        max_scenes=args.max_scenes,
-        warmup_steps=min(TrainSettings.warmup_steps, max(1, min(args.vae_steps, args.unet_steps) // 10)),
+        max_scenes=args.max_scenes, vae_from=args.vae_from,
+        warmup_steps=min(TrainSettings.warmup_steps, max(1, min(args.vae_steps or args.unet_steps, args.unet_steps) // 10)),
     )
     out = args.out or WEIGHTS_DIR / f"tiny-{args.family}-turbo"
     train(settings, out, Progress(enabled=not args.quiet))
