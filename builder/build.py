@@ -29,7 +29,7 @@ from turbo_trt.progress import Progress
 
 from . import sources
 from .engine import ENGINE_RECIPE, capture_flag
-from .options import DEFAULT_ENGINES_ROOT, BuildOptions
+from .options import DEFAULT_ENGINES_ROOT, BuildOptions, default_size
 from .schedules import scheduler_tables_from_config
 from .specs import SPEC_VERSION, ComponentSpec, Dims, dims_from_configs, specs_for
 
@@ -51,7 +51,8 @@ def default_slug(opts: BuildOptions, src: sources.ResolvedSource) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base.split("/")[-1]).strip("-") or "model"
     if src.kind == "random":
         slug += "-random"
-    if (opts.height, opts.width) != (512, 512):
+    size = default_size(opts.model)
+    if (opts.height, opts.width) != (size, size):
         slug += f"-{opts.height}x{opts.width}"
     if opts.batch != 1:
         slug += f"-b{opts.batch}"

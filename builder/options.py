@@ -11,6 +11,13 @@ from .validate import DEFAULT_MIN_COSINE
 DEFAULT_ENGINES_ROOT = Path("engines")
 
 
+def default_size(model: str) -> int:
+    """The default --height / --width for a model: the tiny presets' training size (64), else 512."""
+    from .presets import PRESET_NAMES, TINY_NATIVE_SIZE
+
+    return TINY_NATIVE_SIZE if model in PRESET_NAMES else BuildOptions.height
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     model: str
@@ -18,7 +25,7 @@ class BuildOptions:
     random_weights: bool = False
     out: Path | None = None  # bundle directory; default engines/<slug>
     batch: int = 1
-    height: int = 512
+    height: int = 512  # the CLI's default is default_size(model): 64 for the tiny presets
     width: int = 512
     flavor: str | None = None  # None: the first installed of tensorrt, tensorrt-rtx
     onnx_only: bool = False

@@ -1,19 +1,24 @@
-"""Architecture specs with seeded random weights: the tiny presets and the shipped full-size configs.
+"""Architecture specs: the tiny presets (trained weights shipped in the package) and the full-size configs.
 
 A :class:`ModelSpec` holds everything needed to build a pipeline without downloading anything:
 the diffusers / transformers config of every part, the pad token of every tokenizer and a seed.
 Weights are drawn with ``torch.manual_seed(seed + PART_SEED_OFFSETS[part])`` inside ``fork_rng``,
 one seed per part, so that the weights of one part do not depend on the configs of the others
-(the per-part fingerprints rely on that) and every build gives bit-identical weights.
+(the per-part fingerprints rely on that) and every build gives bit-identical weights. The tiny
+presets then load the weights that ``train_tiny`` trained on the shapes language
+(``tiny_weights/<preset>/``, shipped in the package), so their images follow prompts such as
+"a red circle on a blue background"; ``--random-weights`` keeps seeded random weights (full-size configs).
 
 Tiny presets keep the real models' block types, the VAE's four levels (down-sampling factor 8), the
-SDXL "text_time" conditioning and two text encoders, at toy widths so a 512x512 call runs in well
-under a second on a CPU. torch / diffusers / transformers are imported inside functions only.
+SDXL "text_time" conditioning and two text encoders, at toy widths; they were trained at 64x64
+(:data:`TINY_NATIVE_SIZE`, latents 8x8), so a call runs in milliseconds on a CPU.
+torch / diffusers / transformers are imported inside functions only.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +27,14 @@ from typing import Any
 from .tiny_tokenizer import tiny_vocab_size
 
 # Bump whenever the tiny configs or the way weights are drawn change.
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+#: Trained weights of the tiny presets (``python -m turbo_trt.builder.train_tiny`` writes them).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "tiny_weights"
+PRESET_FAMILIES = ("sd", "sdxl")
+#: The image size the tiny presets were trained at (their default build size).
+TINY_NATIVE_SIZE = 64
+PRESET_NAMES = ("tiny-sd-turbo", "tiny-sdxl-turbo")
 SHIPPED_CONFIGS = {"stabilityai/sd-turbo": "sd-turbo", "stabilityai/sdxl-turbo": "sdxl-turbo"}
 PART_SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
 SD_PAD_TOKENS = {"tokenizer": "!"}
@@ -40,6 +51,7 @@ class ModelSpec:
     model_index: dict[str, Any]
     configs: dict[str, dict[str, Any]]  # part -> config dict (unet, vae, text_encoder[_2], scheduler)
     pad_tokens: dict[str, str] = field(default_factory=dict)  # tokenizer part -> pad token
+    weights: Path | None = None  # trained weights (one save_pretrained folder per part); None: seeded random
 
     def config(self, part: str) -> dict[str, Any]:
         """A deep copy of one part's config."""
@@ -64,7 +76,7 @@ def _tiny_vae(scaling_factor: float) -> dict[str, Any]:
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "act_fn": "silu", "sample_size": 512, "scaling_factor": scaling_factor, "force_upcast": True,
+        "act_fn": "silu", "sample_size": TINY_NATIVE_SIZE, "scaling_factor": scaling_factor, "force_upcast": True,
     }
 
 
@@ -87,7 +99,7 @@ def shipped_taesd_config(family: str) -> dict[str, Any]:
 
 def _tiny_unet(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+        "_class_name": "UNet2DConditionModel", "sample_size": TINY_NATIVE_SIZE // 8, "in_channels": 4, "out_channels": 4,
         "block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": [2, 4, 4],
         "norm_num_groups": 8, "use_linear_projection": True, "flip_sin_to_cos": True, "freq_shift": 0,
         "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -102,6 +114,17 @@ def _shipped_json(folder: str, rel: str) -> dict[str, Any]:
     return data
 
 
+def _tiny_scheduler(folder: str) -> dict[str, Any]:
+    """The real model's scheduler (Euler / Euler-ancestral, trailing spacing), predicting v instead of epsilon:
+    at the first trailing timestep (sigma 14.6) an epsilon model must give back its own input to better than
+    1 % for a usable 1-step image, which a toy UNet trained for minutes does not reach; v at that timestep is
+    nearly the clean latent, so its errors reach the image one to one. The runner's fused step and the
+    diffusers pipelines handle both."""
+    config = _shipped_json(folder, "scheduler/scheduler_config.json")
+    config["prediction_type"] = "v_prediction"
+    return config
+
+
 def _tiny_sd() -> ModelSpec:
     model_index = _shipped_json("sd-turbo", "model_index.json")
     return ModelSpec(
@@ -114,7 +137,7 @@ def _tiny_sd() -> ModelSpec:
             ),
             "vae": _tiny_vae(0.18215),
             "text_encoder": _text_encoder("CLIPTextModel", 32, 3, 4, "gelu", 32),
-            "scheduler": _shipped_json("sd-turbo", "scheduler/scheduler_config.json"),
+            "scheduler": _tiny_scheduler("sd-turbo"),
         },
     )
 
@@ -138,17 +161,44 @@ def _tiny_sdxl() -> ModelSpec:
             "vae": _tiny_vae(0.13025),
             "text_encoder": te1,
             "text_encoder_2": te2,
-            "scheduler": _shipped_json("sdxl-turbo", "scheduler/scheduler_config.json"),
+            "scheduler": _tiny_scheduler("sdxl-turbo"),
         },
     )
 
 
-def preset_spec(name: str) -> ModelSpec:
-    """The spec of a tiny preset (``tiny-sd-turbo`` or ``tiny-sdxl-turbo``)."""
+def preset_spec(name: str, trained: bool = True) -> ModelSpec:
+    """The spec of a tiny preset (``tiny-sd-turbo`` or ``tiny-sdxl-turbo``); ``trained=False``: seeded random
+    weights (what training starts from)."""
     builders = {"tiny-sd-turbo": _tiny_sd, "tiny-sdxl-turbo": _tiny_sdxl}
     if name not in builders:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(builders)}")
-    return builders[name]()
+    spec = builders[name]()
+    if not trained:
+        return spec
+    weights = WEIGHTS_DIR / name
+    if not (weights / "training.json").is_file():
+        raise FileNotFoundError(
+            f"the trained weights of {name} are missing ({weights}); train them with "
+            f"`python -m turbo_trt.builder.train_tiny --family {spec.family}`"
+        )
+    return dataclasses.replace(spec, weights=weights)
+
+
+def training_record(spec: ModelSpec) -> dict[str, Any]:
+    """The ``training.json`` of a trained preset (settings, sha256 of every file, ...)."""
+    if spec.weights is None:
+        raise ValueError(f"{spec.name} has no trained weights")
+    with open(spec.weights / "training.json", encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def part_weights_digest(spec: ModelSpec, part: str) -> str | None:
+    """The recorded sha256 of a trained part's files (for the fingerprints); None for seeded weights."""
+    if spec.weights is None:
+        return None
+    files = training_record(spec)["files"]
+    return json.dumps({k: v for k, v in sorted(files.items()) if k.startswith(part + "/")})
 
 
 def shipped_spec(model_id: str) -> ModelSpec:
@@ -168,7 +218,8 @@ def shipped_spec(model_id: str) -> ModelSpec:
 
 
 def build_part(spec: ModelSpec, part: str, dtype: Any = None, device: Any = None) -> Any:
-    """Instantiate one weight-bearing part with its seeded random weights (``device="meta"``: no memory)."""
+    """Instantiate one weight-bearing part: seeded random weights, then a trained preset's shipped ones
+    (``device="meta"``: the architecture only, no memory)."""
     import torch
 
     dtype = dtype or torch.float32
@@ -189,11 +240,30 @@ def build_part(spec: ModelSpec, part: str, dtype: Any = None, device: Any = None
                 if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
                     raise ValueError(f"unsupported text encoder architecture {arch!r}")
                 model = getattr(transformers, arch)(transformers.CLIPTextConfig(**config))
+    if spec.weights is not None and str(device) != "meta":
+        _load_trained(model, spec.weights / part)
     # transformers may honour the config's torch_dtype for some submodules: cast whatever differs
     # (only then: diffusers warns on every .to(dtype)).
     if any(p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+def _load_trained(model: Any, folder: Path) -> None:
+    """Load a part's shipped safetensors into the model built from the spec's config: every tensor must
+    match (a config that differs from what was trained fails here, naming the tensors)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .safetensors file in {folder}, found {len(files)}")
+    state = load_file(files[0])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # transformers keeps position_ids as a non-persistent buffer in recent versions; anything else is an error.
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{files[0]} does not fit the preset's config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def build_vae(config: dict[str, Any]) -> Any:

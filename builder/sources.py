@@ -23,12 +23,21 @@ from typing import Any
 from turbo_trt.errors import SourceError
 
 from .controlnet import ControlNetChoice, check_controlnet_fits, controlnets_fingerprint, resolve_controlnets
-from .presets import PART_SEED_OFFSETS, PRESET_VERSION, SHIPPED_CONFIGS, ModelSpec, preset_spec, shipped_spec
+from .presets import (
+    PART_SEED_OFFSETS,
+    PRESET_NAMES,
+    PRESET_VERSION,
+    SHIPPED_CONFIGS,
+    ModelSpec,
+    part_weights_digest,
+    preset_spec,
+    shipped_spec,
+)
 from .tiny_tokenizer import tiny_tokenizer_fingerprint, write_tiny_clip_tokenizer
 from .vae import HUB_ID, VaeChoice, check_vae_fits, normalized_config, resolve_vae
 
 ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
-PRESETS = ("tiny-sd-turbo", "tiny-sdxl-turbo")
+PRESETS = PRESET_NAMES
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
 WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -270,7 +279,8 @@ def _spec(src: ResolvedSource) -> ModelSpec:
 
 
 def _spec_fingerprints(spec: ModelSpec) -> dict[str, str]:
-    """Presets / random weights: hash config + seed + versions of what draws the weights (no I/O)."""
+    """Presets / random weights: hash config + seed + versions of what draws the weights, and the trained
+    weights' recorded sha256 (read from training.json, not re-hashed)."""
     versions = {p: metadata.version(p).split("+")[0] for p in ("torch", "diffusers", "transformers")}
     out: dict[str, str] = {}
     for part in parts_for(spec.family):
@@ -278,7 +288,8 @@ def _spec_fingerprints(spec: ModelSpec) -> dict[str, str]:
             out[part] = tiny_tokenizer_fingerprint(spec.pad_tokens[part])
             continue
         payload = {"config": spec.configs[part], "preset_version": PRESET_VERSION, "versions": versions,
-                   "seed": spec.seed + PART_SEED_OFFSETS.get(part, 0), "class": spec.model_index.get(part)}
+                   "seed": spec.seed + PART_SEED_OFFSETS.get(part, 0), "class": spec.model_index.get(part),
+                   "trained": part_weights_digest(spec, part)}
         out[part] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return out
 

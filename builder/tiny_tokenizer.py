@@ -27,7 +27,7 @@ EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
 NUM_MERGES = 400
 # Bump when the vocabulary / merges / file layout change (part of the preset fingerprints).
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2
 
 # CLIP's pre-tokenization pattern (special tokens, contractions, letter runs, single digits, punctuation).
 _CLIP_SPLIT_PATTERN = (
@@ -60,6 +60,18 @@ smiling child , canon camera , bokeh . a train crossing a bridge over a canyon .
 with white cabinets and plants . a monkey eating a banana in a tree . a horse running on the beach
 """
 
+# The tiny presets' shapes language (shape_prompts.py): enough sentences that each of its words is one
+# token of the vocabulary (a test checks it).
+_SHAPES_TEXT = """
+a red circle on a blue background . a small yellow square at the top left on a black background .
+a large green triangle at the bottom right on a white background . a white circle in the center on a
+purple background . an orange square at the top right on a green background . a purple triangle at the
+bottom left on a yellow background . a black circle on an orange background . a blue square in the center
+on a red background . a small white triangle at the top on a blue background . a large yellow circle at the
+left on a purple background . a small orange circle at the right on a black background . a large black
+square at the bottom on a white background .
+"""
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte alphabet: every byte maps to one printable unicode character."""
@@ -79,7 +91,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _learn_merges(num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE on the embedded corpus; ties broken by the pair's text, so the result is fixed."""
     byte_map = _bytes_to_unicode()
-    word_counts = Counter(w.lower() for w in _CORPUS_TEXT.split())
+    word_counts = Counter(w.lower() for w in (_CORPUS_TEXT + _SHAPES_TEXT * 3).split())
     words: dict[tuple[str, ...], int] = {}
     for word, count in sorted(word_counts.items()):
         chars = [byte_map[b] for b in word.encode("utf-8")]

@@ -413,3 +413,13 @@ def test_stream_on_tensorrt_equals_direct_calls(trt_pipe):
         assert result is not None
         np.testing.assert_array_equal(result.image, trt_pipe("a streamed dog", num_inference_steps=2, seed=3,
                                                              output_type="np")[0])
+
+
+def test_prompt_following_on_gpu_executors(gpu_pipes):
+    """The trained tiny preset draws what it is told on every GPU executor, as on the CPU
+    (tests/test_prompt_following.py): the image-only score on the held-back prompts at 1 step."""
+    from turbo_trt.benchmarks.prompt_following import floor_for, score_pipeline
+    from turbo_trt.builder import prompt_score, shape_prompts
+
+    summary = prompt_score.summarize(score_pipeline(gpu_pipes[0], shape_prompts.heldback_scenes(None), steps=1))
+    assert summary["all"] >= floor_for("tiny-sd-turbo"), summary

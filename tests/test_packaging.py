@@ -56,6 +56,10 @@ def test_regular_install_has_every_module_and_config(tmp_path):
     assert configs and all((installed / "builder" / c).is_file() for c in configs)
     page = sorted(p.relative_to(ROOT / "runner") for p in (ROOT / "runner" / "live" / "static").iterdir())
     assert len(page) >= 3 and all((installed / "runner" / f).is_file() for f in page)  # the live page
+    # The tiny presets' trained weights (safetensors, configs, training.json) ship too.
+    weights = sorted(p.relative_to(ROOT / "builder") for p in (ROOT / "builder" / "tiny_weights").rglob("*")
+                     if p.is_file())
+    assert any(w.suffix == ".safetensors" for w in weights) and all((installed / "builder" / w).is_file() for w in weights)
     # Import from the installed copy (not the tree): run elsewhere, with the target first on the path.
     code = ("import importlib, sys; mods = sys.argv[1:]; files = [importlib.import_module(m).__file__ for m in mods];"
             f"bad = [f for f in files if not f.startswith({str(target)!r})]; print(len(files), bad)")

@@ -33,8 +33,10 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "random weights, no download (for speed work offline)")
     p.add_argument("--out", type=Path, default=None, help="bundle directory (default: engines/<slug>)")
     p.add_argument("--batch", type=int, default=d["batch"], help="static batch size")
-    p.add_argument("--height", type=int, default=d["height"], help="image height in pixels")
-    p.add_argument("--width", type=int, default=d["width"], help="image width in pixels")
+    p.add_argument("--height", type=int, default=None,
+                   help=f"image height in pixels (default: {d['height']}; the tiny presets: 64, the size they were "
+                        "trained at)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
     p.add_argument("--flavor", choices=["tensorrt", "tensorrt-rtx"], default=None,
                    help="engine flavor (default: the first installed of tensorrt, tensorrt-rtx)")
     p.add_argument("--onnx-only", action="store_true", help="stop after ONNX export and validation")
@@ -82,15 +84,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..builder.build import build
         from ..builder.engine import EngineOptions
-        from ..builder.options import BuildOptions
+        from ..builder.options import BuildOptions, default_size
     except ImportError as exc:
         raise TurboTrtError(
             f"the build stage needs the 'build' extra ({exc.name} is missing): pip install 'turbo-trt[build]'"
         ) from exc
+    size = default_size(args.model)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else ()
     opts = BuildOptions(
         model=args.model, revision=args.revision, random_weights=args.random_weights, out=args.out,
-        batch=args.batch, height=args.height, width=args.width, flavor=args.flavor, onnx_only=args.onnx_only,
+        batch=args.batch, height=size if args.height is None else args.height,
+        width=size if args.width is None else args.width, flavor=args.flavor, onnx_only=args.onnx_only,
         force=args.force, img2img=args.img2img, min_cosine=args.min_cosine, vae=args.vae, vae_fp32=args.vae_fp32,
         engine=EngineOptions(optimization_level=args.opt_level, workspace_gib=args.workspace, targets=targets,
                              refittable=args.refittable),
