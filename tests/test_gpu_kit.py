@@ -37,12 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_working_tree_leaves_room_in_a_call():
     """Every call sends the working tree: it must stay far below the 64 MiB a call carries (the TensorRT-RTX
-    library alone is 62.5 MiB compressed, cut over two calls with the rest)."""
+    library alone is 62.5 MiB compressed, cut over two calls with the rest; `prepare` sizes the parts to what
+    the tree leaves). 12 MiB: the tree is ~9 MiB since the trained tiny presets' weights ship in it (8.3 MB);
+    at 12 MiB a call still carries 49 MiB of parts, and the fallback branch keeps its number of calls."""
     tree = tree_bytes(ROOT)
     listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True,
                             text=True, check=True).stdout.split()
     assert tree == sum((ROOT / f).stat().st_size for f in listed if (ROOT / f).is_file())
-    assert tree < 8 * MIB, f"the working tree is {tree / MIB:.1f} MiB"
+    assert tree < 12 * MIB, f"the working tree is {tree / MIB:.1f} MiB"
 
 
 def test_kit_recipe_finds_every_part_in_this_environment(sd_bundle):
