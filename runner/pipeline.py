@@ -205,16 +205,24 @@ class TurboPipeline:
         return images
 
     def stream(self, prompt: str = "", *, steps: int = 1, strength: float = 0.5, seed: int | None = None,
-               queue: int = 1, similarity: float | None = None, max_skip: int = 10) -> Stream:
+               queue: int = 1, similarity: float | None = None, max_skip: int = 10, control: str | None = None,
+               controlnet_conditioning_scale: float | list[float] = 1.0,
+               control_guidance_start: float | list[float] = 0.0,
+               control_guidance_end: float | list[float] = 1.0) -> Stream:
         """A frame stream on a fork of this pipeline (its own execution state and worker thread, the same
         weights): push frames or prompts, get the newest results (runner/stream.py; README, Real time).
-        One seed for the whole stream (random when None: `stream.seed` says which)."""
+        One seed for the whole stream (random when None: `stream.seed` says which). ControlNet bundles:
+        `control="canny"` makes each frame's control image from the frame (Canny edges), or pass
+        `push(frame, control_image=...)`; the scales and guidance window apply to every input."""
         from .stream import StreamPool
 
         pool = StreamPool([self.fork()])
         try:
             return pool.stream(prompt, steps=steps, strength=strength, seed=seed, queue=queue,
-                               similarity=similarity, max_skip=max_skip, owns_pool=True)
+                               similarity=similarity, max_skip=max_skip, owns_pool=True, control=control,
+                               controlnet_conditioning_scale=controlnet_conditioning_scale,
+                               control_guidance_start=control_guidance_start,
+                               control_guidance_end=control_guidance_end)
         except BaseException:
             pool.close()
             raise

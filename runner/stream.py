@@ -54,7 +54,7 @@ import numpy as np
 
 from turbo_trt.errors import InputError, TurboTrtError
 
-from .inputs import Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
+from .inputs import Control, Noise, check_image, check_prompts, check_seed, latent_shape, make_noise
 from .schedule import Plan, img2img_plan, txt2img_plan
 from .tokenizer import PromptTruncated
 
@@ -132,6 +132,7 @@ class _Input:
     noise: Noise
     pixels: np.ndarray | None  # uint8 (B, H, W, 3) for img2img
     thumb: np.ndarray | None  # the similarity filter's downscaled copy (when the filter is on)
+    control: Control | None = None  # ControlNet bundles: this input's control images and per-run scales
 
 
 @dataclass
@@ -169,8 +170,13 @@ class Stream:
 
     def __init__(self, pool: StreamPool, prompt: str = "", *, steps: int = 1, strength: float = 0.5,
                  seed: int | None = None, queue: int = 1, similarity: float | None = None, max_skip: int = 10,
-                 notify: Callable[[], None] | None = None, owns_pool: bool = False) -> None:
+                 notify: Callable[[], None] | None = None, owns_pool: bool = False, control: str | None = None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0,
+                 control_guidance_end: float | list[float] = 1.0) -> None:
         self._pool = pool
+        self._control_options = (controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
+        self._canny = self._preprocessor(control)
         self._lock = pool._lock
         self._ready = threading.Condition(self._lock)  # results, errors, close
         if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
@@ -267,11 +273,16 @@ class Stream:
 
     # -- input ----------------------------------------------------------------------------------------------
     def push(self, image: Any = None, *, prompt: str | None = None, seed: int | None = None,
-             steps: int | None = None, strength: float | None = None) -> int:
+             steps: int | None = None, strength: float | None = None, control_image: Any = None) -> int:
         """Queue one input and return its sequence number: image-to-image from `image` (a PIL image, resized
         when its aspect ratio matches, or a uint8 (H, W, 3) array of the bundle's size), or text-to-image
         when no image is given. Settings given here apply from this input on. Everything is checked before
-        anything is queued; a bad input raises StreamInputError and changes nothing."""
+        anything is queued; a bad input raises StreamInputError and changes nothing.
+
+        ControlNet bundles: `control_image` (one image per net, as `pipe(control_image=...)` takes it) steers
+        this input with the stream's scales and guidance window; a stream made with `control="canny"` makes
+        it from each frame itself (`runner/preprocess.py`, in the caller's thread while the engines run the
+        frame before). Without either, the nets run at scale 0 (the plain UNet)."""
         pool = self._pool
         settings = self._checked(prompt, seed, steps, strength)
         img2img = image is not None
@@ -291,6 +302,10 @@ class Stream:
                 raise StreamInputError("image", str(exc)) from None
             if self._similarity is not None:
                 thumb = thumbnail(pixels[0])
+        control = self._control(plan, control_image, pixels)
+        if thumb is not None and control_image is not None and control is not None:
+            # an explicit control image is part of what the similarity filter compares
+            thumb = np.concatenate([thumb.ravel()] + [thumbnail(images[0]).ravel() for images in control.images])
         with self._host_lock:
             ids = self._token_ids(settings.prompt)
             noise = self._noise(settings.seed, img2img, plan.runs)
@@ -303,13 +318,41 @@ class Stream:
             seq = self._seq
             self._seq += 1
             self._settings = settings
-            self._waiting.append(_Input(seq, now, settings, ids, plan, noise, pixels, thumb))
+            self._waiting.append(_Input(seq, now, settings, ids, plan, noise, pixels, thumb, control))
             self._counts["pushed"] += 1
             while len(self._waiting) > self._queue:
                 self._waiting.popleft()
                 self._counts["dropped"] += 1
             pool._work.notify()
         return seq
+
+    def _preprocessor(self, control: str | None) -> Any:
+        """The stream's own control-image maker: None, or "canny" (Canny edges of each frame)."""
+        if control is None:
+            return None
+        if control != "canny":
+            raise StreamInputError("control", f"must be None or 'canny', got {control!r}")
+        if not self._pool.controlnets:
+            raise StreamInputError("control", "this bundle has no ControlNet; build one with "
+                                              "`turbo-trt build --controlnet ID_OR_DIR`")
+        from .preprocess import CannyEdges
+
+        return CannyEdges(size=(self._pool.height, self._pool.width))
+
+    def _control(self, plan: Plan, control_image: Any, pixels: np.ndarray | None) -> Control | None:
+        """This input's checked ControlNet inputs (None for a bundle without nets)."""
+        pool = self._pool
+        if control_image is None and self._canny is not None and pixels is not None:
+            edges = np.stack([self._canny(frame) for frame in pixels])
+            control_image = [edges] * pool.controlnets  # the same edge map for every net
+        if control_image is None:
+            if not pool.controlnets:
+                return None
+            return pool.pipes[0].control(plan, None)
+        try:
+            return pool.pipes[0].control(plan, control_image, *self._control_options)
+        except InputError as exc:
+            raise StreamInputError("control_image", str(exc)) from None
 
     def _token_ids(self, prompt: str) -> dict[str, np.ndarray]:
         ids = self._tokens.get(prompt)
@@ -484,6 +527,7 @@ class StreamPool:
         self.height, self.width = int(first.shapes["height"]), int(first.shapes["width"])
         self.batch = first.batch
         self.img2img = bool(first.bundle.img2img)
+        self.controlnets = first.controlnets
         self.ancestral = bool(first.scheduler["ancestral"])
         self.latent_shape = latent_shape(first.shapes)
         self._tokenizers = first.tokenizers
@@ -673,7 +717,8 @@ class StreamPool:
         pipe._lock.acquire()
         job.lock = pipe._lock
         try:
-            job.launched = pipe.executor.launch(job.item.ids, job.item.plan, job.item.noise, job.item.pixels)
+            job.launched = pipe.executor.launch(job.item.ids, job.item.plan, job.item.noise, job.item.pixels,
+                                                 job.item.control)
         except BaseException as exc:
             job.lock = None
             pipe._lock.release()

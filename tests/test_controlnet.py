@@ -397,3 +397,40 @@ def test_serve_controlnet_bundle(sd_control_bundle, tmp_path):
         client.close()
     finally:
         server.stop()
+
+
+def test_stream_takes_a_control_image_per_frame_and_makes_canny_edges(sd_setup):
+    """The frame stream on a ControlNet bundle: an explicit control image per frame, and control="canny"
+    (each frame's own Canny edges, given to every net), each equal bit for bit to the direct call with the
+    same control images; bad control inputs raise at push and queue nothing."""
+    from turbo_trt.runner.preprocess import CannyEdges
+    from turbo_trt.runner.stream import StreamInputError
+
+    from .conftest import smooth_frame
+
+    ours, plain, *_ = sd_setup
+    frame = np.asarray(smooth_frame(5))
+    control = [_edges(7), _edges(8)]
+    scales = [0.8, 0.5]
+    with ours.stream(PROMPT, steps=2, strength=0.5, seed=11, controlnet_conditioning_scale=scales) as stream:
+        stream.push(frame, control_image=control)
+        got = stream.get(timeout=120)
+        with pytest.raises(StreamInputError, match="control_image"):
+            stream.push(frame, control_image=control[:1])
+        assert stream.stats()["pushed"] == 1
+    want = ours(PROMPT, image=frame, strength=0.5, num_inference_steps=2, seed=11, control_image=control,
+                controlnet_conditioning_scale=scales, output_type="np")[0]
+    assert got is not None and np.array_equal(got.image, want)
+    without = ours(PROMPT, image=frame, strength=0.5, num_inference_steps=2, seed=11, output_type="np")[0]
+    assert not np.array_equal(want, without)  # the nets changed the picture
+
+    edges = CannyEdges()(frame)
+    assert 0 < int((edges > 0).sum()) < edges.size  # a real edge map: some edges, not all
+    with ours.stream(PROMPT, steps=2, strength=0.5, seed=11, control="canny") as stream:
+        stream.push(frame)
+        got = stream.get(timeout=120)
+    want = ours(PROMPT, image=frame, strength=0.5, num_inference_steps=2, seed=11, control_image=[edges, edges],
+                output_type="np")[0]
+    assert got is not None and np.array_equal(got.image, want)
+    with pytest.raises(StreamInputError, match="no ControlNet"):
+        plain.stream(PROMPT, control="canny")
