@@ -23,7 +23,7 @@ from typing import Any
 
 from turbo_trt.errors import SourceError
 
-from .vae import HUB_ID, weight_files
+from .vae import HUB_ID, model_folder, read_model_config, weight_files
 
 RANDOM = "random"
 CLASS_NAME = "ControlNetModel"
@@ -137,24 +137,7 @@ def resolve_controlnets(arguments: tuple[str, ...], source_kind: str, unet_confi
 
 
 def _controlnet_folder(path: Path) -> Path | None:
-    for folder in (path, path / "controlnet"):
-        config = folder / "config.json"
-        if config.is_file():
-            try:
-                name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                continue
-            if name == CLASS_NAME and weight_files(folder):
-                return folder
-    return None
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    return config
+    return model_folder(path, "controlnet", (CLASS_NAME,))
 
 
 def _local(argument: str, path: Path) -> ControlNetChoice:
@@ -165,7 +148,7 @@ def _local(argument: str, path: Path) -> ControlNetChoice:
     if folder is None:
         raise SourceError(f"--controlnet {argument}: {path} holds no ControlNetModel (no config.json naming "
                           f"{CLASS_NAME} with diffusion_pytorch_model weights, neither there nor in controlnet/)")
-    return ControlNetChoice(argument, "local", str(folder), None, _read_config(folder), folder=folder)
+    return ControlNetChoice(argument, "local", str(folder), None, read_model_config(folder), folder=folder)
 
 
 def _hub(argument: str, cache_dir: Path | None) -> ControlNetChoice:
@@ -197,7 +180,7 @@ def _hub(argument: str, cache_dir: Path | None) -> ControlNetChoice:
     folder = _controlnet_folder(snapshot)
     if folder is None:
         raise SourceError(f"--controlnet {argument}: the hub repo holds no {CLASS_NAME} in diffusers format")
-    return ControlNetChoice(argument, "hub", argument, commit, _read_config(folder), folder=folder)
+    return ControlNetChoice(argument, "hub", argument, commit, read_model_config(folder), folder=folder)
 
 
 def check_controlnet_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_scale: int,

@@ -133,23 +133,30 @@ def _local(argument: str, path: Path) -> VaeChoice:
     if folder is None:
         raise SourceError(f"--vae {argument}: {path} holds no VAE (no config.json naming one of "
                           f"{', '.join(VAE_CLASSES)}, neither there nor in a vae/ folder)")
-    return VaeChoice(argument, "local", str(folder), None, read_vae_config(folder), folder=folder)
+    return VaeChoice(argument, "local", str(folder), None, read_model_config(folder), folder=folder)
 
 
-def _vae_folder(path: Path) -> Path | None:
-    for folder in (path, path / "vae"):
+def model_folder(path: Path, subfolder: str, classes: tuple[str, ...] | frozenset[str]) -> Path | None:
+    """`path` or `path/<subfolder>` (a pipeline directory's component), whichever has a config.json naming one
+    of `classes` and weight files diffusers loads; None when neither does."""
+    for folder in (path, path / subfolder):
         config = folder / "config.json"
         if config.is_file():
             try:
                 name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 continue
-            if name in VAE_CLASSES and weight_files(folder):
+            if name in classes and weight_files(folder):
                 return folder
     return None
 
 
-def read_vae_config(folder: Path) -> dict[str, Any]:
+def _vae_folder(path: Path) -> Path | None:
+    return model_folder(path, "vae", tuple(VAE_CLASSES))
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json; SourceError naming the file when it cannot be read."""
     try:
         config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -189,7 +196,7 @@ def _hub(argument: str, repo_id: str, cache_dir: Path | None) -> VaeChoice:
     if folder is None:
         raise SourceError(f"--vae {argument}: hub repo {repo_id!r} holds no {' or '.join(VAE_CLASSES)} in diffusers "
                           "format (config.json + diffusion_pytorch_model weights)")
-    return VaeChoice(argument, "hub", repo_id, commit, read_vae_config(folder), folder=folder)
+    return VaeChoice(argument, "hub", repo_id, commit, read_model_config(folder), folder=folder)
 
 
 def check_vae_fits(config: dict[str, Any], unet: dict[str, Any], where: str, own: dict[str, Any]) -> None:
