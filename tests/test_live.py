@@ -275,6 +275,10 @@ def test_disconnect_mid_frame_costs_the_others_nothing(live, pipe):
         with live.ws() as leaving:
             leaving.send(json.dumps({"steps": 4, "strength": 1.0}))
             leaving.send(frames[0])  # runs at once: the engine is idle
+            deadline = time.monotonic() + 60  # bounded: wait until the worker has launched it
+            while live.health()["runs"] == runs_before and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert live.health()["runs"] == runs_before + 1, "the leaving client's first frame never started"
             leaving.send(frames[1])  # waits behind it, and goes with the client
         live.wait_clients(1)
         for i in range(3):
