@@ -27,7 +27,7 @@ from typing import Any
 from .tiny_tokenizer import tiny_vocab_size
 
 # Bump whenever the tiny configs or the way weights are drawn change.
-PRESET_VERSION = 2
+PRESET_VERSION = 3
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 #: Trained weights of the tiny presets (``python -m turbo_trt.builder.train_tiny`` writes them).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "tiny_weights"
@@ -72,9 +72,14 @@ def _text_encoder(arch: str, hidden: int, layers: int, heads: int, act: str, pro
 
 
 def _tiny_vae(scaling_factor: float) -> dict[str, Any]:
+    """The tiny AutoencoderKL: four levels (factor 8) of 16 channels and one GroupNorm group. GroupNorm takes
+    out each group's per-image mean, and a flat background's colour is exactly such a mean: with 4 groups
+    over 8 channels at full resolution the trained autoencoder still blurred colours and shapes (its own
+    reconstructions of the held-back scenes scored 0.82 of attributes right); one group of 16 channels
+    reaches 0.96 in the same training time (builder/train_tiny.py)."""
     return {
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-        "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
+        "block_out_channels": [16, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 1,
         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
         "act_fn": "silu", "sample_size": TINY_NATIVE_SIZE, "scaling_factor": scaling_factor, "force_upcast": True,
     }

@@ -210,7 +210,7 @@ class TurboPipeline:
                control_guidance_start: float | list[float] = 0.0,
                control_guidance_end: float | list[float] = 1.0) -> Stream:
         """A frame stream on a fork of this pipeline (its own execution state and worker thread, the same
-        weights): push frames or prompts, get the newest results (runner/stream.py; README, Real time).
+        weights): push frames or prompts, get the newest results (runner/stream/; README, Real time).
         One seed for the whole stream (random when None: `stream.seed` says which). ControlNet bundles:
         `control="canny"` makes each frame's control image from the frame (Canny edges), or pass
         `push(frame, control_image=...)`; the scales and guidance window apply to every input."""

@@ -153,6 +153,7 @@ def test_page_health_and_config(live):
     assert health["status"] == "ready" and health["max_clients"] == MAX_CLIENTS and health["executor"] == "onnxruntime"
     config = json.loads(live.get("/config")[2])
     assert (config["width"], config["height"], config["max_steps"], config["img2img"]) == (64, 64, 4, True)
+    assert config["controlnets"] == 0 and config["controls"] == ["none", "canny"]
     assert f"serving {live.url}" in live.log()
 
 
@@ -207,6 +208,9 @@ def test_every_bad_message_gets_an_error_and_the_connection_stays(live, pipe):
         (json.dumps({"strength": 2}), "strength", False),
         (json.dumps({"similarity": 1.5}), "similarity", False),
         (json.dumps({"format": "gif"}), "format", False),
+        (json.dumps({"control": "sobel"}), "control", False),
+        (json.dumps({"control": "canny"}), "control", False),  # this bundle has no ControlNet
+        (json.dumps({"control_scale": 0.5}), "control_scale", False),  # likewise
         (json.dumps({"prompt": None}), "prompt", False),
         (json.dumps({"prompt": "x" * MAX_MESSAGE}), "message", False),
         (b"\x89PNG not really", "frame", True),
@@ -303,10 +307,63 @@ def test_live_server_imports_no_torch(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_controlnet_bundle_steers_frames_by_their_edges(sd_control_bundle, tmp_path):
+    """On a ControlNet bundle a client turns on `"control": "canny"` with a scale: each frame is steered by its
+    own edge map, equal bit for bit to the direct call with that edge map for both nets; a scale change makes
+    the similarity filter run the frame again; "none" is the plain picture again; a bad scale is refused."""
+    from turbo_trt.runner.preprocess import CannyEdges
+
+    server = LiveServer(sd_control_bundle[0], tmp_path / "live.log")
+    prompt = "a yellow triangle on a black background"
+    try:
+        server.wait_ready()
+        assert json.loads(server.get("/config")[2])["controlnets"] == 2
+        ours = TurboPipeline.from_bundle(sd_control_bundle[0], executor="onnxruntime")
+        frame = picture(7)
+        edges = CannyEdges()(decoded(frame))
+        with contextlib.closing(ours), server.ws() as ws:
+            ws.send(json.dumps({"format": "png", "prompt": prompt, "seed": 11, "steps": 2, "strength": 0.5,
+                                "control": "canny", "control_scale": 0.8, "similarity": 0.98}))
+            ws.send(frame)
+            _, steered = receive_result(ws)
+            want = ours(prompt, image=decoded(frame), strength=0.5, num_inference_steps=2, seed=11,
+                        control_image=[edges, edges], controlnet_conditioning_scale=0.8, output_type="np")[0]
+            np.testing.assert_array_equal(steered, want)
+            ws.send(json.dumps({"control_scale": 0.3}))
+            ws.send(frame)  # the same frame: only the scale changed, so the filter must not reuse the last output
+            meta, weaker = receive_result(ws)
+            assert not meta["skipped"]
+            np.testing.assert_array_equal(weaker, ours(
+                prompt, image=decoded(frame), strength=0.5, num_inference_steps=2, seed=11,
+                control_image=[edges, edges], controlnet_conditioning_scale=0.3, output_type="np")[0])
+            ws.send(json.dumps({"control": "none"}))
+            ws.send(frame)
+            meta, plain = receive_result(ws)
+            assert not meta["skipped"]
+            np.testing.assert_array_equal(plain, direct(ours, prompt, 11, 2, decoded(frame)))
+            assert not np.array_equal(plain, steered)  # the nets did steer
+            ws.send(json.dumps({"control_scale": [1.0]}))  # one scale for two nets
+            reply = receive_error(ws)
+            assert reply["field"] == "control_scale" and "2 ControlNet" in reply["error"], reply
+    finally:
+        code = server.stop()
+    assert code == 0 and "Traceback" not in server.log(), server.log()
+
+
 # -- the page in a real browser ------------------------------------------------------------------------------
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+def wait_until(page, expression: str) -> None:
+    """Poll a JavaScript expression until it is true (WAIT seconds at most). Playwright's wait_for_function
+    polls through an eval inside the page, which the page's Content-Security-Policy (no 'unsafe-eval')
+    refuses whenever the first check is false; page.evaluate runs from outside the page and is allowed."""
+    deadline = time.monotonic() + WAIT
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {WAIT} s: {expression}"
+        time.sleep(0.05)
 
 
 def test_page_in_chromium(live, tmp_path):
@@ -327,19 +384,20 @@ def test_page_in_chromium(live, tmp_path):
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.goto(live.url)
-            page.wait_for_function("document.body.dataset.state === 'ready'", timeout=WAIT * 1000)
-            page.locator("#prompt").press_sequentially("a red fox", delay=30)
-            page.wait_for_function("document.querySelector('#output').src.startsWith('blob:')", timeout=WAIT * 1000)
+            wait_until(page, "document.body.dataset.state === 'ready'")
+            assert page.locator("#control-box").is_hidden()  # this bundle has no ControlNet
+            page.locator("#prompt").press_sequentially("a red circle", delay=30)
+            wait_until(page, "document.querySelector('#output').src.startsWith('blob:')")
             first = page.locator("#output").get_attribute("src")
-            page.locator("#prompt").press_sequentially(" in the snow", delay=30)
-            page.wait_for_function(f"document.querySelector('#output').src !== {first!r}", timeout=WAIT * 1000)
+            page.locator("#prompt").press_sequentially(" on a blue background", delay=30)
+            wait_until(page, f"document.querySelector('#output').src !== {first!r}")
             page.locator("#camera").click()
-            page.wait_for_function("Number(document.querySelector('#stats').dataset.results) >= 12 && "
-                                   "Number(document.querySelector('#stats').dataset.fps) > 0", timeout=WAIT * 1000)
+            wait_until(page, "Number(document.querySelector('#stats').dataset.results) >= 12 && "
+                             "Number(document.querySelector('#stats').dataset.fps) > 0")
             stats = page.locator("#stats").inner_text()
             assert "fps" in stats and float(stats.split(" fps")[0]) > 0, stats
-            page.wait_for_function("document.querySelector('#output').complete && "
-                                   "document.querySelector('#output').naturalWidth > 0", timeout=WAIT * 1000)
+            wait_until(page, "document.querySelector('#output').complete && "
+                             "document.querySelector('#output').naturalWidth > 0")
             assert page.evaluate("document.querySelector('#output').naturalWidth") == 64  # the bundle's size
             shot = tmp_path / "live-page.png"
             page.screenshot(path=str(shot))

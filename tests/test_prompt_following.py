@@ -134,6 +134,30 @@ def test_img2img_moves_the_image_toward_the_prompt(ort_pipe) -> None:
     assert after >= before + len(pairs) / 2 and improved > len(pairs) / 2, (before, after, improved)
 
 
+def test_training_losses_weight_the_shape() -> None:
+    """The VAE's image loss and the UNet's latent weights count an error on the shape's pixels (cells)
+    1 + weight times an equal error on the background."""
+    import torch
+
+    from turbo_trt.builder.train_tiny import image_loss, latent_weights, shape_mask
+
+    scene = Scene("red", "square", "blue", "small", "top left")
+    drawn = torch.from_numpy(shape_prompts.render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    mask = shape_mask(drawn)[0, 0].numpy().astype(bool)
+    want = (np.abs(shape_prompts.render(scene).astype(int) - shape_prompts.COLOURS["blue"]).sum(axis=2) > 3)
+    assert mask.sum() > 100 and np.array_equal(mask, want)
+    inside = drawn.clone()
+    inside[0, :, mask] += 0.1
+    outside = drawn.clone()
+    outside[0, :, np.argwhere(~mask)[: mask.sum()].T[0], np.argwhere(~mask)[: mask.sum()].T[1]] += 0.1
+    ratio = float(image_loss(inside, drawn, 8.0) / image_loss(outside, drawn, 8.0))
+    assert abs(ratio - 9.0) < 1e-3, ratio
+    assert float(image_loss(drawn, drawn, 8.0)) == 0.0
+    cells = latent_weights(drawn, (8, 8), 8.0)[0, 0]
+    # the box spans pixels 3.8 to 17.9: the 3x3 top-left latent cells weigh 9, the others 1
+    assert bool((cells[:3, :3] == 9).all()) and float(cells.sum()) == 9 * 9 + 55
+
+
 def test_training_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     """A few steps of each phase through the module's command line: weights load into the preset's
     pipeline built from the preset's configs and the record's settings and losses are what was asked."""

@@ -250,9 +250,19 @@ def pipe2(batch2_bundle) -> TurboPipeline:
     return TurboPipeline.from_bundle(batch2_bundle, executor="onnxruntime")
 
 
+def not_activated_env() -> dict[str, str]:
+    """This environment as a user has it who runs `.venv/bin/turbo-trt` without activating the virtual
+    environment: its bin directory is not on PATH (the server must still give the backend stub this
+    interpreter's packages, not the base installation's)."""
+    here = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != here)
+    return env
+
+
 @pytest.fixture(scope="module")
 def serve1(sd_bundle, tmp_path_factory):
-    server = Server(serve_argv(sd_bundle[0]), tmp_path_factory.mktemp("serve1") / "log.txt")
+    server = Server(serve_argv(sd_bundle[0]), tmp_path_factory.mktemp("serve1") / "log.txt", env=not_activated_env())
     try:
         server.wait_ready()
         yield server

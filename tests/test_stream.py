@@ -1,4 +1,4 @@
-"""Frame streams (runner/stream.py) on the tiny SD bundle with the ONNX Runtime executor: newest wins,
+"""Frame streams (runner/stream/) on the tiny SD bundle with the ONNX Runtime executor: newest wins,
 bit-equality with direct calls, the similarity filter, every fault, streams on forks in threads.
 
 Every wait is bounded (get(timeout=...), join(timeout=...)), so a deadlock fails a test instead of hanging it.

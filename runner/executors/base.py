@@ -32,7 +32,7 @@ class Executor(ABC):
 
     `run` gets everything already checked and shaped to the bundle's batch; it returns the uint8 images
     (B, H, W, 3) and the decoder's count of non-finite values. `launch` + `wait` split the same work in two
-    (start, finish) so a caller can do host work while the engines run (frame streams, runner/stream.py).
+    (start, finish) so a caller can do host work while the engines run (frame streams, runner/stream/).
     `control` (ControlNet bundles): the control images and per-run scales; None runs the nets at scale 0.
     """
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from ..stream import KEEP, FrameFailedError, PoolBrokenError, Stream, StreamClosedError, StreamInputError, StreamPool
 from .protocol import (
+    CONTROLS,
     FORMATS,
     JPEG_QUALITY,
     MAX_PROMPT_CHARS,
@@ -34,7 +35,9 @@ log = logging.getLogger("turbo_trt.live")
 STATIC = Path(__file__).parent / "static"
 #: Settings of a new client until it sends its own.
 DEFAULTS: dict[str, Any] = {"prompt": "", "seed": 0, "steps": 2, "strength": 0.5, "similarity": None,
-                            "format": "jpeg"}
+                            "format": "jpeg", "control": "none", "control_scale": 1.0}
+#: The stream's name of a setting -> the protocol's.
+LIVE_FIELDS = {"controlnet_conditioning_scale": "control_scale"}
 #: Skips in a row the similarity filter allows before a frame runs anyway.
 MAX_SKIP = 10
 
@@ -103,6 +106,7 @@ class LiveApp:
         return JSONResponse({"width": self.pool.width, "height": self.pool.height,
                              "max_steps": int(self.pool.scheduler["max_steps"]), "img2img": self.pool.img2img,
                              "defaults": DEFAULTS, "formats": list(FORMATS), "jpeg_quality": JPEG_QUALITY,
+                             "controlnets": self.pool.controlnets, "controls": list(CONTROLS),
                              "max_message": self.limits.max_message, "max_prompt_chars": MAX_PROMPT_CHARS})
 
     # -- WebSocket ------------------------------------------------------------------------------------------
@@ -178,8 +182,11 @@ class LiveApp:
                 return None
             settings = parse_settings(text or "")
             is_input = settings.get("generate", False)
+            control = settings.get("control", KEEP)
             stream.update(prompt=settings.get("prompt"), seed=settings.get("seed"), steps=settings.get("steps"),
-                          strength=settings.get("strength"), similarity=settings.get("similarity", KEEP))
+                          strength=settings.get("strength"), similarity=settings.get("similarity", KEEP),
+                          control=None if control == "none" else control,
+                          controlnet_conditioning_scale=settings.get("control_scale"))
             if "format" in settings:
                 state["format"] = settings["format"]
             if is_input:
@@ -187,7 +194,8 @@ class LiveApp:
         except MessageError as exc:
             return exc.reply()
         except StreamInputError as exc:
-            return error_reply(str(exc), exc.field, is_input)
+            field = LIVE_FIELDS.get(exc.field, exc.field)
+            return error_reply(str(exc).replace(exc.field, field), field, is_input)
         except (StreamClosedError, PoolBrokenError) as exc:
             return error_reply(f"the server cannot run inputs now ({exc})", "message", is_input)
         except Exception:

@@ -3,7 +3,9 @@ decoding, result encoding.
 
 Client -> server: a text message is a JSON object of settings, any subset of SETTINGS_KEYS, where
 `"generate": true` also queues a text-to-image input with the settings (the only way one starts); a
-binary message is one JPEG or PNG frame (an image-to-image input). Server -> client: per result a text
+binary message is one JPEG or PNG frame (an image-to-image input). On a ControlNet bundle `"control":
+"canny"` steers every frame by its own edge map with `"control_scale"` (text-to-image inputs have no frame
+and run the nets at scale 0). Server -> client: per result a text
 JSON {"seq", "latency_ms", "skipped", "dropped", "fps"} followed by one binary message with the image;
 for a bad message a text JSON {"error", "field", "input"}, where `input` says whether the message was an
 input (a frame, or settings with "generate": true), which then queued nothing; for an input the engines
@@ -18,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-SETTINGS_KEYS = ("prompt", "seed", "steps", "strength", "similarity", "format", "generate")
+SETTINGS_KEYS = ("prompt", "seed", "steps", "strength", "similarity", "format", "control", "control_scale", "generate")
+#: `control` values: "canny" makes each frame's Canny edge map the ControlNet image (ControlNet bundles).
+CONTROLS = ("none", "canny")
 #: Longest prompt accepted, in characters (the text encoder keeps 77 tokens; this bounds the host work).
 MAX_PROMPT_CHARS = 2000
 FORMATS = ("jpeg", "png")
@@ -69,6 +73,9 @@ def parse_settings(text: str) -> dict[str, Any]:
                                asks)
     if "format" in settings and settings["format"] not in FORMATS:
         raise MessageError("format", f"format: must be one of {', '.join(FORMATS)}, got {settings['format']!r}",
+                           asks)
+    if "control" in settings and settings["control"] not in CONTROLS:
+        raise MessageError("control", f"control: must be one of {', '.join(CONTROLS)}, got {settings['control']!r}",
                            asks)
     if "generate" in settings and not isinstance(settings["generate"], bool):
         raise MessageError("generate", f"generate: must be true or false, got {settings['generate']!r}")

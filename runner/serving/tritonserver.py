@@ -47,6 +47,16 @@ def python_library_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return result
 
 
+def interpreter_path(path: str) -> str:
+    """`path` with this interpreter's directory first. The backend stub embeds libpython and finds its
+    prefix the way a `python` found on PATH would: without this, a virtual environment that is not
+    activated (`.venv/bin/turbo-trt serve`) gives the stub the base installation's site-packages, whose
+    numpy may be another major version than the stub's numpy API expects (measured: numpy 2.4 in the base,
+    1.26 in the environment; every text input then arrived garbled and the stub died)."""
+    here = os.path.dirname(sys.executable)
+    return os.pathsep.join([here, *(p for p in path.split(os.pathsep) if p and p != here)])
+
+
 def site_dirs() -> list[str]:
     """This interpreter's site-packages directories (where turbo_trt and its dependencies are installed)."""
     dirs = list(site.getsitepackages())
@@ -111,6 +121,7 @@ def server_command(repository: Path, http_port: int = 8000, grpc_port: int = 800
     if libs.is_dir():
         env["LD_LIBRARY_PATH"] = os.pathsep.join([env["LD_LIBRARY_PATH"], str(libs)])
     env[SITE_DIRS_ENV] = os.pathsep.join(site_dirs())
+    env["PATH"] = interpreter_path(env.get("PATH", ""))
     argv = [
         str(server / "bin" / "tritonserver"), f"--model-repository={repository}",
         f"--backend-directory={backends}", f"--cache-directory={server / 'caches'}",

@@ -14,6 +14,8 @@
     prompt: $("prompt"), seed: $("seed"), steps: $("steps"), strength: $("strength"),
     strengthValue: $("strength-value"), camera: $("camera"), upload: $("upload"), output: $("output"),
     preview: $("preview"), stats: $("stats"), status: $("status"), error: $("error"),
+    controlBox: $("control-box"), control: $("control"), controlScale: $("control-scale"),
+    controlScaleValue: $("control-scale-value"),
   };
   const REPLY_TIMEOUT_MS = 30000;
   const canvas = document.createElement("canvas");
@@ -38,7 +40,12 @@
     if (state.mode !== "text" && Math.floor(steps * strength + 1e-9) < 1) {
       return showError("Strength × steps must reach one step: raise the strength or the steps."), null;
     }
-    return { prompt: el.prompt.value, seed, steps, strength };
+    const values = { prompt: el.prompt.value, seed, steps, strength };
+    if (state.config && state.config.controlnets > 0) {  // ControlNet bundles only: others refuse a scale
+      values.control = el.control.value;
+      values.control_scale = Number(el.controlScale.value);
+    }
+    return values;
   }
 
   function changes(wanted) {
@@ -240,6 +247,7 @@
 
   function onSettings() {
     el.strengthValue.textContent = Number(el.strength.value).toFixed(2);
+    el.controlScaleValue.textContent = Number(el.controlScale.value).toFixed(2);
     state.dirty = true;
     pump();
   }
@@ -257,7 +265,15 @@
       el.camera.disabled = true;
       el.upload.disabled = true;
     }
-    for (const input of [el.prompt, el.seed, el.steps, el.strength]) input.addEventListener("input", onSettings);
+    if (state.config.controlnets > 0) {
+      el.controlBox.hidden = false;
+      el.control.value = d.control;
+      el.controlScale.value = d.control_scale;
+      el.controlScaleValue.textContent = Number(d.control_scale).toFixed(2);
+    }
+    for (const input of [el.prompt, el.seed, el.steps, el.strength, el.control, el.controlScale]) {
+      input.addEventListener("input", onSettings);
+    }
     el.camera.addEventListener("click", () => (state.media ? stopCamera() : startCamera()));
     setInterval(() => {  // a reply that never came (a lost message, a stuck server) must not stall the page
       if (state.inFlight > 0 && performance.now() - state.sentAt > REPLY_TIMEOUT_MS) {
