@@ -142,7 +142,7 @@ def test_training_losses_weight_the_shape() -> None:
     from turbo_trt.builder.train_tiny import image_loss, latent_weights, shape_mask
 
     scene = Scene("red", "square", "blue", "small", "top left")
-    drawn = torch.from_numpy(shape_prompts.render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    drawn = torch.from_numpy(shape_prompts.render(scene).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     mask = shape_mask(drawn)[0, 0].numpy().astype(bool)
     want = (np.abs(shape_prompts.render(scene).astype(int) - shape_prompts.COLOURS["blue"]).sum(axis=2) > 3)
     assert mask.sum() > 100 and np.array_equal(mask, want)
