@@ -44,6 +44,18 @@ def score_pipeline(pipe: Any, scenes: list[shape_prompts.Scene], steps: int = 1,
     return rows
 
 
+def shape_by_size(rows: list[dict[str, bool]], scenes: list[shape_prompts.Scene]) -> dict[str, dict[str, float]]:
+    """size -> shape -> share of those scenes whose shape class was read right."""
+    out: dict[str, dict[str, float]] = {}
+    for size in shape_prompts.SIZES:
+        out[size] = {}
+        for shape in shape_prompts.SHAPES:
+            hits = [r["shape"] for r, s in zip(rows, scenes) if s.size == size and s.shape == shape]
+            if hits:
+                out[size][shape] = sum(hits) / len(hits)
+    return out
+
+
 def measure(engines: Path, executor: str, steps_list: list[int], count: int | None) -> dict[str, Any]:
     from turbo_trt.runner import TurboPipeline
 
@@ -53,7 +65,8 @@ def measure(engines: Path, executor: str, steps_list: list[int], count: int | No
     for steps in steps_list:
         start = time.perf_counter()
         rows = score_pipeline(pipe, scenes, steps)
-        results[str(steps)] = {"summary": prompt_score.summarize(rows), "seconds": round(time.perf_counter() - start, 2)}
+        results[str(steps)] = {"summary": prompt_score.summarize(rows), "seconds": round(time.perf_counter() - start, 2),
+                               "shape_by_size": shape_by_size(rows, scenes)}
     manifest = json.loads((engines / "manifest.json").read_text())
     return {"engines": str(engines), "model": manifest.get("model", {}), "executor": executor,
             "shapes": manifest.get("shapes"), "heldback_prompts": len(scenes),
@@ -80,6 +93,14 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         s = r["summary"]
         lines.append(f"| {steps} | {s['all']:.3f} | {s['background']:.3f} | {s['colour']:.3f} | {s['shape']:.3f} | "
                      f"{s['size']:.3f} | {s['position']:.3f} | {r['seconds']} |")
+    first: dict[str, Any] = next(iter(result["steps"].values()), {})
+    if "shape_by_size" in first:
+        steps = next(iter(result["steps"]))
+        lines += ["", f"Shape read right by size and shape ({steps} step(s)):", "",
+                  "| size | " + " | ".join(shape_prompts.SHAPES) + " |", "|---|" + "---|" * len(shape_prompts.SHAPES)]
+        for size, by_shape in first["shape_by_size"].items():
+            lines.append(f"| {size} | " + " | ".join(f"{by_shape.get(k, float('nan')):.2f}" for k in shape_prompts.SHAPES)
+                         + " |")
     lines += ["", f"Target at 1 step: {result['target_1_step']}; floor the tests hold the shipped weights to: "
                   f"{result['floor_1_step']}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ shipped weights are held to at 1 step; benchmarks/results/prompt-following-* rec
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from turbo_trt.benchmarks.prompt_following import floor_for, score_pipeline
+from turbo_trt.benchmarks.prompt_following import floor_for, score_pipeline, shape_by_size
 from turbo_trt.builder import prompt_score, shape_prompts
 from turbo_trt.builder.shape_prompts import Scene
 
@@ -112,8 +113,16 @@ def ort_pipe(request, sd_bundle, sdxl_bundle):
 
 def test_heldback_prompts_followed_on_onnxruntime(ort_pipe) -> None:
     """The shipped weights, exported and run by the runner, draw every held-back prompt (1 step)."""
-    summary = prompt_score.summarize(score_pipeline(ort_pipe, shape_prompts.heldback_scenes(None), steps=1))
+    scenes = shape_prompts.heldback_scenes(None)
+    rows = score_pipeline(ort_pipe, scenes, steps=1)
+    summary = prompt_score.summarize(rows)
     assert summary["all"] >= floor_for(ort_pipe.bundle.manifest["model"]["id"]), summary
+    by_size = shape_by_size(rows, scenes)
+    assert set(by_size) == set(shape_prompts.SIZES) and all(set(v) == set(shape_prompts.SHAPES) for v in by_size.values())
+    counts = collections.Counter((s.size, s.shape) for s in scenes)
+    weighted = sum(by_size[size][shape] * n for (size, shape), n in counts.items()) / len(scenes)
+    assert abs(weighted - summary["shape"]) < 1e-9  # the table splits the shape score, it adds nothing
+    assert min(by_size["large"].values()) >= 0.8, by_size  # large shapes are drawn right
 
 
 def test_img2img_moves_the_image_toward_the_prompt(ort_pipe) -> None:
