@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,17 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "commit": git_commit(),
     }
+
+
+def write_results(result: dict[str, Any], json_path: Path | None, report_path: Path | None,
+                  markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write a run's JSON (when `json_path`) and markdown report (when `report_path`), each atomically, and
+    print the report."""
+    from turbo_trt.fsutil import atomic_write_bytes
+
+    if json_path is not None:
+        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
+    text = markdown(result)
+    if report_path is not None:
+        atomic_write_bytes(report_path, text.encode())
+    print(text)

@@ -32,6 +32,16 @@ from typing import Any
 ATTEMPTS = ("portable", "targets-current")
 
 
+def _conclude(result: dict[str, Any], attempts: Any, out: Path) -> dict[str, Any]:
+    """Record which attempts ran and the verdict, write the result and return it."""
+    ran = [label for label in attempts if result["attempts"][label].get("ran")]
+    result["runs"] = ran
+    result["verdict"] = (f"TensorRT-RTX runs here ({', '.join(ran)})" if ran else
+                         "TensorRT-RTX does not run here: see each attempt's error")
+    _write(out, result)
+    return result
+
+
 def _write(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -133,12 +143,7 @@ def probe(out: Path, bundle: Path, work: Path, attempts: tuple[str, ...] = ATTEM
             entry.update(built=False, **_error(exc))
         save()
         print(label, json.dumps({k: v for k, v in entry.items() if k != "traceback"})[:1500], flush=True)
-    ran = [label for label in attempts if result["attempts"][label].get("ran")]
-    result["runs"] = ran
-    result["verdict"] = (f"TensorRT-RTX runs here ({', '.join(ran)})" if ran else
-                         "TensorRT-RTX does not run here: see each attempt's error")
-    _write(out, result)
-    return result
+    return _conclude(result, attempts, out)
 
 
 #: Seconds each later attempt keeps of the budget while an earlier one runs.
@@ -188,12 +193,7 @@ def probe_isolated(out: Path, bundle: Path, work: Path, attempts: tuple[str, ...
         _write(out, result)
         print(label, json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "child")})[:1500],
               f"(child exit {exit_code})", flush=True)
-    ran = [label for label in attempts if result["attempts"][label].get("ran")]
-    result["runs"] = ran
-    result["verdict"] = (f"TensorRT-RTX runs here ({', '.join(ran)})" if ran else
-                         "TensorRT-RTX does not run here: see each attempt's error")
-    _write(out, result)
-    return result
+    return _conclude(result, attempts, out)
 
 
 def main(argv: list[str] | None = None) -> int:

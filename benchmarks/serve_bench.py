@@ -26,7 +26,7 @@ from typing import Any
 
 from turbo_trt.fsutil import atomic_write_bytes
 
-from .environment import environment
+from .environment import environment, write_results
 from .stats import summarize
 
 PROMPTS = ["a red cat on a sofa", "a lighthouse at dusk", "a bowl of fruit", "an astronaut riding a horse",
@@ -303,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server logs: {log_dir}", file=sys.stderr)
     result = run(args.engines, args.instances, args.clients, args.requests_per_client, args.steps, args.executor,
                  log_dir, args.note, args.rounds, args.backend)
-    atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
-    if args.report:
-        atomic_write_bytes(args.report, markdown(result).encode())
-    print(markdown(result))
+    write_results(result, args.json, args.report, markdown)
     return 0
 
 

@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from turbo_trt.fsutil import atomic_write_bytes
 from turbo_trt.runner.serving.tritonserver import http_ready, kill_tree, process_tree
 
-from .environment import environment
+from .environment import environment, write_results
 from .serve_bench import free_ports
 
 START_TIMEOUT_S = 300
@@ -141,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.engines, args.backends, args.instances, args.repeats, args.executor, args.note)
-    atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
-    if args.report:
-        atomic_write_bytes(args.report, markdown(result).encode())
-    print(markdown(result))
+    write_results(result, args.json, args.report, markdown)
     return 0
 
 

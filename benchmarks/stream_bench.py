@@ -31,9 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from turbo_trt.fsutil import atomic_write_bytes
-
-from .environment import environment
+from .environment import environment, write_results
 from .stats import summarize
 
 SENTENCE = "a red fox in the snow, oil painting"
@@ -414,10 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engines is None:
             parser.error("--engines is required")
         result = run(args.engines, args.executor, args.frames, args.note, not args.no_websocket)
-        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
-    if args.report:
-        atomic_write_bytes(args.report, markdown(result).encode())
-    print(markdown(result))
+    write_results(result, None if args.render else args.json, args.report, markdown)
     return 0
 
 

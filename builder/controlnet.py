@@ -23,7 +23,7 @@ from typing import Any
 
 from turbo_trt.errors import SourceError
 
-from .vae import HUB_ID, model_folder, read_model_config, weight_files
+from .vae import HUB_ID, folder_digest, model_folder, read_model_config, weight_files
 
 RANDOM = "random"
 CLASS_NAME = "ControlNetModel"
@@ -52,13 +52,7 @@ class ControlNetChoice:
             versions = {p: metadata.version(p).split("+")[0] for p in ("torch", "diffusers")}
             payload = {"config": self.config, "seed": self.seed, "versions": versions, "init": "seeded-output-convs"}
             return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        digest = hashlib.sha256(CLASS_NAME.encode())
-        for name in ["config.json", *weight_files(self.folder)]:
-            digest.update(f"\0{name}\0".encode())
-            with open(self.folder / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return folder_digest(CLASS_NAME, self.folder)
 
     def record(self, fingerprint: str) -> dict[str, Any]:
         """The manifest's entry for this net."""

@@ -55,13 +55,7 @@ class VaeChoice:
             versions = {p: metadata.version(p).split("+")[0] for p in ("torch", "diffusers")}
             payload = {"config": self.config, "seed": self.seed, "versions": versions, "init": "taesd-bias-0.5"}
             return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        digest = hashlib.sha256(self.class_name.encode())
-        for name in ["config.json", *weight_files(self.folder)]:
-            digest.update(f"\0{name}\0".encode())
-            with open(self.folder / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return folder_digest(self.class_name, self.folder)
 
     def load(self, dtype: Any = None) -> Any:
         """The VAE module (float32 unless `dtype`)."""
@@ -97,6 +91,18 @@ def weight_files(folder: Path) -> list[str]:
     chosen = plain or names
     safe = [n for n in chosen if ".safetensors" in n]
     return safe or chosen
+
+
+def folder_digest(class_name: str, folder: Path) -> str:
+    """sha256 of a save_pretrained folder: the class name, then config.json and every weight file, each
+    named and streamed."""
+    digest = hashlib.sha256(class_name.encode())
+    for name in ["config.json", *weight_files(folder)]:
+        digest.update(f"\0{name}\0".encode())
+        with open(folder / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_vae(argument: str, source_kind: str, family: str, seed: int | None,
